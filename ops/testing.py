@@ -1,0 +1,20 @@
+"""``farm test``: lint, type-check the light packages, then run the test suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+LINT = [sys.executable, "-m", "ruff", "check", "."]
+TYPES = [sys.executable, "-m", "mypy", "protocol", "producer"]
+PYTEST = [sys.executable, "-m", "pytest", "tests"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(argv or [])
+    for step in (LINT, TYPES):
+        print("farm test:", " ".join(step[2:]), flush=True)
+        if subprocess.call(step) != 0:
+            return 1
+    print("farm test: pytest", " ".join(args), flush=True)
+    return subprocess.call([*PYTEST, *args])

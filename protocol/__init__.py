@@ -1,0 +1,1 @@
+"""The contract between UI, producer and workers: settings, schemas, names, the Celery app."""

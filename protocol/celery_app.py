@@ -1,0 +1,54 @@
+"""The Celery app factory shared by clients and workers. No global app: callers pass it around."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from protocol.names import INTERACTIVE_QUEUE, QUEUES
+from protocol.settings import FarmSettings
+
+
+def make_celery(settings: FarmSettings, name: str = "batchfarm") -> Celery:
+    """A Celery app configured for the farm's contract (json only, late acks, two queues)."""
+    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url,
+                 set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_config(settings: FarmSettings) -> dict[str, object]:
+    """Celery settings; each is part of the farm's safety contract (see DESIGN.md)."""
+    transport = {
+        # Above the longest batch, so a slow batch is not redelivered while it still runs.
+        "visibility_timeout": settings.visibility_timeout,
+        # Poll queues in the order given to the worker (interactive first), not round robin.
+        "queue_order_strategy": "priority",
+    }
+    return {
+        # json only: pickle would let anyone who can write to Redis run code in the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the result is stored; a worker that dies loses nothing.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        # Prefetch is bounded by the pool size (max_inflight threads) times one.
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.max_inflight,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_expires": settings.result_expires,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
+        "task_default_queue": INTERACTIVE_QUEUE,
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }

@@ -1,0 +1,173 @@
+"""Typed farm settings, read once from ``FARM_*`` environment variables at an entry point.
+
+Library code never reads the environment itself: an entry point calls
+``FarmSettings.from_env()`` and passes the object down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import SettingsError
+
+QUANT_CHOICES = ("none", "int8", "nf4")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "auto")
+TEMPLATE_CHOICES = ("none", "alpaca", "chat")
+STRATEGY_CHOICES = ("dynamic", "continuous")
+BASE_ADAPTER = "base"
+"""Adapter name that asks for the base model without any LoRA adapter."""
+DEFAULT_ADAPTER = "default"
+"""Name under which ``FARM_ADAPTER`` is loaded."""
+
+
+def project_root() -> Path:
+    """The checkout this package lives in (holds ``.farm/`` with models and data)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_model_path() -> str:
+    """The embedded demo model that ``farm make-model --size demo`` builds on first use."""
+    return str(project_root() / ".farm" / "models" / "demo")
+
+
+@dataclass(frozen=True)
+class FarmSettings:
+    """Every knob of the farm. Each field maps to ``FARM_<FIELD>`` in upper case."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend and stream store."""
+    model: str = field(default_factory=default_model_path)
+    """A hub name or a local path of a causal LM."""
+    adapter: str = ""
+    """Optional peft LoRA adapter (name or path) loaded as adapter ``default``."""
+    adapters: str = ""
+    """More adapters, ``name=path,name2=path2``; requests pick one by name."""
+    quant: str = "none"
+    """``none | int8 | nf4`` through bitsandbytes."""
+    dtype: str = "float32"
+    """Weights dtype for unquantized layers."""
+    template: str = "none"
+    """Prompt template: ``none``, ``alpaca`` (alpaca-lora) or ``chat`` (the tokenizer's)."""
+    llm_int8_threshold: float = 6.0
+    """LLM.int8 outlier threshold; 0 makes int8 outputs depend less on batch neighbours."""
+    strategy: str = "dynamic"
+    """Batching strategy of the engine: ``dynamic`` (group, run to completion) or ``continuous``."""
+    max_batch_size: int = 16
+    """Most requests in one batch."""
+    max_batch_tokens: int = 8192
+    """Token budget of one batch: rows × (longest prompt + most new tokens)."""
+    max_wait_ms: float = 10.0
+    """How long a lone request waits for batch-mates when the engine is idle."""
+    max_inflight: int = 64
+    """Messages a worker process reserves at once (threads in its pool)."""
+    max_prompt_chars: int = 16000
+    """Longest prompt (or chat, all messages) in characters, checked before enqueueing."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt in tokens, checked by the worker after templating."""
+    max_new_tokens: int = 1024
+    """Upper limit of a request's ``max_new_tokens``."""
+    default_new_tokens: int = 128
+    """A request's ``max_new_tokens`` when it gives none."""
+    result_expires: int = 86400
+    """Seconds results and streams stay in Redis."""
+    visibility_timeout: int = 7200
+    """Seconds before an unacknowledged message returns to the queue; above the longest batch."""
+    stream_maxlen: int = 4096
+    """Most events kept in one request's partial-text stream."""
+    heartbeat_seconds: float = 2.0
+    """How often a worker writes its heartbeat record."""
+    worker_name: str = ""
+    """Celery node name; empty picks ``cpu@host`` or ``gpuN@host``."""
+    metrics_port: int = 0
+    """Prometheus port of a worker; 0 disables."""
+    flower_port: int = 5555
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 7860
+    ui_auth: str = ""
+    """``user:pass`` to require a login in the UI."""
+    flower_auth: str = ""
+    """``user:pass`` for Flower's basic auth (required when Flower binds beyond loopback)."""
+    job_window: int = 256
+    """Most messages of one bulk job outstanding in Redis at once."""
+    count_executions: int = 0
+    """1: workers count executions per request id in Redis (tests, reliability reports)."""
+    inject_faults: int = 0
+    """1: prompts containing ``<<poison>>`` fail and ``<<oom>>`` raise out-of-memory in batches
+    (fault-injection tests only)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> FarmSettings:
+        """Build settings from ``FARM_*`` variables; ``overrides`` win over the environment."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("FARM_" + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        _check_choice("quant", self.quant, QUANT_CHOICES)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice("template", self.template, TEMPLATE_CHOICES)
+        _check_choice("strategy", self.strategy, STRATEGY_CHOICES)
+        for name in ("max_batch_size", "max_batch_tokens", "max_inflight", "max_new_tokens",
+                     "max_prompt_tokens", "max_prompt_chars", "job_window"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"FARM_{name.upper()} must be at least 1")
+        self.adapter_paths()
+
+    def adapter_paths(self) -> dict[str, str]:
+        """Adapters the worker loads, by request name (``default`` is ``FARM_ADAPTER``)."""
+        paths: dict[str, str] = {}
+        if self.adapter:
+            paths[DEFAULT_ADAPTER] = self.adapter
+        for item in filter(None, (p.strip() for p in self.adapters.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise SettingsError(f"FARM_ADAPTERS entry {item!r} is not name=path")
+            if name.strip() == BASE_ADAPTER:
+                raise SettingsError(f"FARM_ADAPTERS: {BASE_ADAPTER!r} is reserved for the base model")
+            paths[name.strip()] = path.strip()
+        return paths
+
+    def adapter_names(self) -> list[str]:
+        """Names a request may give in ``adapter``."""
+        return [BASE_ADAPTER, *self.adapter_paths()]
+
+    def redacted_redis_url(self) -> str:
+        """The Redis URL without its password, for logs and screens."""
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """``redis://:secret@host`` -> ``redis://:***@host``; URLs without a password unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _password = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SettingsError(f"FARM_{name.upper()}={value!r} is not one of {', '.join(choices)}")
+
+
+def _convert(name: str, annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"FARM_{name.upper()}={raw!r} is not a {kind}") from None
+    return raw

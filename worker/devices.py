@@ -1,0 +1,52 @@
+"""Which worker processes to start for ``--device``: pure planning, tested without a GPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker process: its Celery node name, torch device and extra environment."""
+
+    name: str
+    device: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def plan_workers(device: str, gpu_count: int, host: str | None = None) -> list[WorkerPlan]:
+    """``cpu`` -> one CPU worker; ``cuda:N`` -> one pinned to GPU N; ``auto`` -> one per GPU.
+
+    A pinned process sees only its GPU (``CUDA_VISIBLE_DEVICES=N``) and uses it as ``cuda:0``:
+    CUDA state is never shared or forked between devices.
+    """
+    host = host or socket.gethostname()
+    if device == "cpu" or (device == "auto" and gpu_count == 0):
+        return [WorkerPlan(f"cpu@{host}", "cpu", {"CUDA_VISIBLE_DEVICES": ""})]
+    if device == "auto":
+        return [_gpu(i, host) for i in range(gpu_count)]
+    if device.startswith("cuda:") and device[5:].isdigit():
+        index = int(device[5:])
+        if index >= gpu_count:
+            raise ValueError(f"--device {device}: only {gpu_count} GPU(s) visible")
+        return [_gpu(index, host)]
+    raise ValueError(f"--device must be cpu, cuda:N or auto, got {device!r}")
+
+
+def _gpu(index: int, host: str) -> WorkerPlan:
+    return WorkerPlan(f"gpu{index}@{host}", "cuda:0", {"CUDA_VISIBLE_DEVICES": str(index)})
+
+
+def count_gpus() -> int:
+    """Visible NVIDIA GPUs, asked of nvidia-smi so the parent never initialises CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))

@@ -1,0 +1,125 @@
+"""``farm worker``: one Celery worker process per device, model loaded before it takes work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from protocol.celery_app import make_celery
+from protocol.names import QUEUES
+from protocol.schema import GenerationRequest, Limits
+from protocol.settings import FarmSettings
+from worker.devices import WorkerPlan, count_gpus, plan_workers
+
+log = logging.getLogger("batchfarm.worker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = FarmSettings.from_env()
+    plans = plan_workers(args.device, count_gpus() if args.device != "cpu" else 0)
+    if len(plans) == 1 and (args.device == "cpu" or args.in_process):
+        return run_worker(settings, plans[0], args.loglevel)
+    return _supervise(plans, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm worker", description=__doc__)
+    parser.add_argument("--device", default="auto", help="cpu, cuda:N or auto (one process per GPU)")
+    parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _supervise(plans: list[WorkerPlan], args: argparse.Namespace) -> int:
+    """Start one pinned child per device (exec, never fork after torch) and wait for them."""
+    children = []
+    for plan in plans:
+        env = {**os.environ, **plan.env, "FARM_WORKER_NAME": os.environ.get("FARM_WORKER_NAME") or plan.name}
+        cmd = [sys.executable, "-m", "worker.main", "--device", "cuda:0" if plan.device != "cpu" else "cpu",
+               "--loglevel", args.loglevel, "--in-process"]
+        children.append(subprocess.Popen(cmd, env=env))
+    signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
+    try:
+        return max(c.wait() for c in children)
+    except KeyboardInterrupt:
+        for c in children:
+            c.terminate()
+        return max(c.wait() for c in children)
+
+
+def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info") -> int:
+    """Load the model, start the engine, then let Celery take messages."""
+    from worker.model import load_model, render_prompt
+    from worker.runner import ModelRunner
+    from worker.scheduler import DynamicScheduler
+    from worker.streams import RedisStreamSink
+
+    name = settings.worker_name or plan.name
+    started = time.monotonic()
+    loaded = load_model(settings, plan.device)
+    client = redis.Redis.from_url(settings.redis_url)
+    runner = ModelRunner(loaded, inject_faults=bool(settings.inject_faults))
+    scheduler = DynamicScheduler(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms / 1000)
+    sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
+
+    def render(request: GenerationRequest) -> str:
+        return render_prompt(loaded, settings.template, request.prompt, request.messages)
+
+    from worker.engine import Engine
+    from worker.heartbeat import Heartbeat
+    from worker.tasks import register_generate
+
+    engine = Engine(runner, scheduler, sink, name, render, settings.max_prompt_tokens)
+    engine.start()
+    app = make_celery(settings)
+    limits = Limits.from_settings(settings, settings.adapter_names())
+    register_generate(app, engine, limits)
+    info = _worker_info(settings, plan, loaded, name, time.monotonic() - started)
+    heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds)
+    _connect_lifecycle(heartbeat, engine)
+    log.info("model loaded in %.1fs; worker %s taking work from %s", info["load_seconds"], name,
+             settings.redacted_redis_url())
+    app.worker_main(_celery_argv(settings, name, loglevel))
+    return 0
+
+
+def _worker_info(settings: FarmSettings, plan: WorkerPlan, loaded: Any, name: str,
+                 load_seconds: float) -> dict[str, Any]:
+    return {"name": name, "device": plan.device, "cuda_visible_devices": plan.env.get("CUDA_VISIBLE_DEVICES", ""),
+            "model": loaded.name, "quant": loaded.quant, "adapters": settings.adapter_names(),
+            "strategy": settings.strategy, "max_batch_size": settings.max_batch_size,
+            "load_seconds": round(load_seconds, 2), "ready": True, "started_at": time.time()}
+
+
+def _connect_lifecycle(heartbeat: Any, engine: Any) -> None:
+    # Ready only once Celery consumes: the model is loaded before worker_main is called.
+    @worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        heartbeat.start()
+        log.info("worker ready")
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: Any) -> None:
+        heartbeat.stop()
+        engine.stop()
+
+
+def _celery_argv(settings: FarmSettings, name: str, loglevel: str) -> list[str]:
+    # threads pool: one process per device, the model loaded once, no fork after torch work.
+    return ["worker", "--pool=threads", f"--concurrency={settings.max_inflight}", "-Q", ",".join(QUEUES),
+            "-n", name, f"--loglevel={loglevel}", "-E", "--without-gossip"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The ``batchfarm.generate`` task: validate, hand to the engine, wait, return the result."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery, Task
+
+from protocol.errors import FarmError, RequestError
+from protocol.names import GENERATE_TASK, PRIORITY
+from protocol.schema import GenerationRequest, Limits
+from worker.engine import Engine
+
+
+def register_generate(app: Celery, engine: Engine, limits: Limits) -> Task:
+    """Bind the task to this process's engine (one engine per worker process)."""
+
+    @app.task(name=GENERATE_TASK, bind=True, throws=(FarmError,))
+    def generate(self: Task, request: Any = None, meta: Any = None) -> dict[str, Any]:
+        task_id = str(self.request.id)
+        stored = _stored_result(app, task_id)
+        if stored is not None:  # a redelivery of a finished request does not run again
+            return stored
+        req = GenerationRequest.from_dict(request, limits)
+        meta = meta if isinstance(meta, dict) else {}
+        result = engine.submit(task_id, req, _submitted_at(meta), _priority(self)).result()
+        if result.finish_reason == "error" and result.error:
+            raise _error_type(result.error["code"])(result.error["code"], result.error["message"])
+        return result.to_dict()
+
+    return generate
+
+
+def _stored_result(app: Celery, task_id: str) -> dict[str, Any] | None:
+    meta = app.backend.get_task_meta(task_id)
+    if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+        return dict(meta["result"])
+    return None
+
+
+def _submitted_at(meta: dict[str, Any]) -> float:
+    value = meta.get("submitted_at")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else time.time()
+
+
+def _priority(task: Task) -> int:
+    routing = (task.request.delivery_info or {}).get("routing_key", "")
+    return PRIORITY.get(str(routing), 0)
+
+
+def _error_type(code: str) -> type[FarmError]:
+    return RequestError if code in {"invalid_request", "prompt_too_long", "unknown_adapter"} else FarmError
