@@ -169,5 +169,6 @@ def _convert(name: str, annotation: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise SettingsError(f"FARM_{name.upper()}={raw!r} is not a {kind}") from None
+        noun = "an integer" if kind == "int" else "a number"
+        raise SettingsError(f"FARM_{name.upper()}={raw!r} is not {noun}") from None
     return raw
