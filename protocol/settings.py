@@ -85,6 +85,8 @@ class FarmSettings:
     """Celery node name; empty picks ``cpu@host`` or ``gpuN@host``."""
     metrics_port: int = 0
     """Prometheus port of a worker; 0 disables."""
+    metrics_host: str = "127.0.0.1"
+    """Address a worker's metrics endpoint binds (``0.0.0.0`` in a container for Prometheus)."""
     flower_port: int = 5555
     ui_host: str = "127.0.0.1"
     ui_port: int = 7860
