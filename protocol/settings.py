@@ -92,6 +92,9 @@ class FarmSettings:
     ui_port: int = 7860
     ui_auth: str = ""
     """``user:pass`` to require a login in the UI."""
+    ui_max_queue: int = 256
+    """Most requests waiting in the interactive queue before the UI refuses new ones as a full
+    queue; also the size of the UI's own (Gradio) queue."""
     flower_auth: str = ""
     """``user:pass`` for Flower's basic auth (required when Flower binds beyond loopback)."""
     job_window: int = 256
