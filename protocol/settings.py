@@ -65,6 +65,9 @@ class FarmSettings:
     """How long a lone request waits for batch-mates when the engine is idle."""
     max_inflight: int = 64
     """Messages a worker process reserves at once (threads in its pool)."""
+    torch_threads: int = 0
+    """Torch intra-op threads of a worker; 0 picks half the CPU cores (at least 1), which leaves
+    cores for Redis, Celery and clients: two threads on two busy cores ran 5-20x slower."""
     max_prompt_chars: int = 16000
     """Longest prompt (or chat, all messages) in characters, checked before enqueueing."""
     max_prompt_tokens: int = 2048
