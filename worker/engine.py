@@ -154,8 +154,9 @@ class Engine:
                 self._fail(sub, error)
                 continue
             self._rows[sub.request_id] = (sub, row)
+            group = "" if self.runner.mixes_adapters else row.adapter  # mixed-adapter batches
             self.scheduler.add(Pending(sub.request_id, len(row.input_ids), sub.request.max_new_tokens,
-                                       time.monotonic(), sub.priority, row.adapter))
+                                       time.monotonic(), sub.priority, group))
 
     def _prepare(self, sub: Submission) -> BatchRow:
         """Template and tokenize in the model thread (fast tokenizers are not thread-safe)."""

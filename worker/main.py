@@ -60,27 +60,23 @@ def _supervise(plans: list[WorkerPlan], args: argparse.Namespace) -> int:
 
 def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info") -> int:
     """Load the model, start the engine, then let Celery take messages."""
+    from worker.continuous import make_engine
     from worker.model import load_model, render_prompt
-    from worker.runner import ModelRunner
-    from worker.scheduler import DynamicScheduler
     from worker.streams import RedisStreamSink
 
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
     client = redis.Redis.from_url(settings.redis_url)
-    runner = ModelRunner(loaded, inject_faults=bool(settings.inject_faults))
-    scheduler = DynamicScheduler(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms / 1000)
     sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
 
     def render(request: GenerationRequest) -> str:
         return render_prompt(loaded, settings.template, request.prompt, request.messages)
 
-    from worker.engine import Engine
     from worker.heartbeat import Heartbeat
     from worker.tasks import register_generate
 
-    engine = Engine(runner, scheduler, sink, name, render, settings.max_prompt_tokens)
+    engine = make_engine(settings, loaded, sink, name, render, plan.device)
     engine.start()
     app = make_celery(settings)
     limits = Limits.from_settings(settings, settings.adapter_names())

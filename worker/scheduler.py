@@ -112,3 +112,38 @@ def split_for_retry(items: list[Pending]) -> list[list[Pending]]:
         return [items]
     middle = len(items) // 2
     return [items[:middle], items[middle:]]
+
+
+@dataclass
+class ContinuousScheduler(DynamicScheduler):
+    """Continuous batching: waiting requests join the running batch at any decode step.
+
+    An idle engine still waits up to ``max_wait_s`` so that requests arriving together are
+    prefilled together; while a batch runs, joiners are taken at once, up to ``max_batch_size``
+    rows and the token budget (counted as if all rows were as long as the longest).
+    """
+
+    def joiners(self, running: list[Pending], now: float) -> list[Pending]:
+        """Waiting requests to add to the running batch now (may be empty)."""
+        room = self.max_batch_size - len(running)
+        if room <= 0 or not self.waiting:
+            return []
+        if not running and (self.wait_time(now) or 0.0) > 0:
+            return []
+        chosen = self._fill_around(running, sorted(self.waiting, key=lambda p: p.order), room,
+                                   self.token_budget(now))
+        taken = {item.request_id for item in chosen}
+        self.waiting = [item for item in self.waiting if item.request_id not in taken]
+        return chosen
+
+    def _fill_around(self, running: list[Pending], ordered: list[Pending], room: int,
+                     budget: int) -> list[Pending]:
+        chosen: list[Pending] = []
+        group = running[0].group if running else ordered[0].group
+        for item in ordered:
+            if len(chosen) >= room:
+                break
+            fits = batch_cost([*running, *chosen, item]) <= budget or not (running or chosen)
+            if item.group == group and fits:
+                chosen.append(item)
+        return chosen

@@ -1,0 +1,282 @@
+"""Continuous batching (``FARM_STRATEGY=continuous``): requests join and leave the running batch
+at every decode step, so a short request is never held behind a long one.
+
+Built on the model's own KV cache rather than transformers' ``generate_batch``: that API has no
+per-row LoRA adapter, no per-row seeded sampling and no stop-string hook, and measured slower than
+a plain left-padded batch on this CPU (DESIGN.md). Here the running batch is one left-padded
+``DynamicCache``; joiners are prefilled together and their cache is padded and concatenated in;
+each decode step feeds one token per row with its own position; finished rows are cut out. Every
+row sees exactly what plain ``generate`` shows it (its tokens, its positions, padding masked), so
+greedy fp32 outputs are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from protocol.settings import FarmSettings
+from worker.engine import Engine, RenderFn, StreamSink, Submission, is_out_of_memory
+from worker.runner import BatchRow, ModelRunner, StepObserver, _injected_faults, _RowSampler, _Stepper
+from worker.runner import configure_torch_threads
+from worker.scheduler import ContinuousScheduler, DynamicScheduler, Pending, batch_cost
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SECONDS = 1.0
+"""Stats are recorded per busy segment of at most this long (there are no discrete batches)."""
+
+
+@dataclass
+class _Block:
+    """Rows with their KV cache: the running batch, or joiners just prefilled."""
+
+    rows: list[BatchRow]
+    cache: Any
+    """``DynamicCache``; per layer keys/values [B, H, S, D], left-padded."""
+    mask: torch.Tensor
+    """[B, S]: 1 for real tokens (prompt and generated), 0 for left padding."""
+    last: torch.Tensor
+    """[B]: the token each row feeds at the next step."""
+
+
+class ContinuousBatch:
+    """The running batch on one model. Only the engine's model thread calls it."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.block: _Block | None = None
+
+    @property
+    def rows(self) -> list[BatchRow]:
+        return self.block.rows if self.block else []
+
+    def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
+        """Prefill ``rows``, stream their first token and add them to the batch (rows already
+        done leave at the next ``evict``)."""
+        if self.runner.inject_faults:
+            _injected_faults(rows)
+        ids, mask = self.runner.left_pad([row.input_ids for row in rows])  # [N, S]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits, cache = self._forward(rows, ids, mask, positions, None)
+        tokens = self._advance(rows, logits, observer)
+        self.block = _merge(self.block, _Block(rows, cache, mask, tokens))
+
+    def step(self, observer: StepObserver) -> None:
+        """One decode step: one new token for every running row."""
+        block = self.block
+        if block is None:
+            return
+        mask = torch.cat([block.mask, block.mask.new_ones((len(block.rows), 1))], dim=-1)  # [B, S+1]
+        positions = mask.sum(-1, keepdim=True) - 1  # [B, 1]: each row's own position
+        logits, block.cache = self._forward(block.rows, block.last[:, None], mask, positions, block.cache)
+        block.mask = mask
+        block.last = self._advance(block.rows, logits, observer)
+
+    def evict(self) -> list[BatchRow]:
+        """Cut finished rows out of the batch; returns them."""
+        block = self.block
+        if block is None:
+            return []
+        done = [row for row in block.rows if row.state.done]
+        if done:
+            keep = [i for i, row in enumerate(block.rows) if not row.state.done]
+            self.block = _trim(_select(block, keep)) if keep else None
+        return done
+
+    def drop(self) -> list[BatchRow]:
+        """Empty the batch (after a failed step); returns the rows that were in it."""
+        rows, self.block = self.rows, None
+        return rows
+
+    def _forward(self, rows: list[BatchRow], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        from transformers import DynamicCache
+
+        model = self.runner.loaded.model
+        cache = cache if cache is not None else DynamicCache(config=_base_config(model))
+        with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1, **adapter_kwargs)
+        # generate's own cast: scores in float32, copied out of the model's buffer.
+        return out.logits[:, -1, :].to(copy=True, dtype=torch.float32), out.cache  # [B, V]
+
+    def _advance(self, rows: list[BatchRow], logits: torch.Tensor, observer: StepObserver) -> torch.Tensor:
+        """Pick each row's token (greedy or its own sampler), push it, stream; returns [B]."""
+        scores = _RowSampler(rows)(None, logits)  # type: ignore[arg-type]
+        tokens = scores.argmax(dim=-1)  # [B]
+        _Stepper(rows, self.runner.decode, observer)(tokens[:, None], scores)  # type: ignore[arg-type]
+        return tokens
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _layers(cache: Any) -> list[Any]:
+    layers = list(getattr(cache, "layers", []))
+    if not layers or any(not hasattr(layer, "keys") for layer in layers):
+        raise RuntimeError("continuous batching needs a DynamicCache with per-layer keys/values")
+    return layers
+
+
+def _select(block: _Block, keep: list[int]) -> _Block:
+    index = torch.tensor(keep, device=block.mask.device)
+    for layer in _layers(block.cache):
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return _Block([block.rows[i] for i in keep], block.cache, block.mask[index], block.last[index])
+
+
+def _trim(block: _Block) -> _Block:
+    """Drop left columns that are padding in every remaining row (a long row just left)."""
+    first = int(block.mask.any(dim=0).nonzero()[0])
+    if first == 0:
+        return block
+    for layer in _layers(block.cache):
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    block.mask = block.mask[:, first:]
+    return block
+
+
+def _merge(running: _Block | None, joined: _Block) -> _Block:
+    """One block of both: the shorter is padded on the left, then rows are stacked."""
+    if running is None:
+        return joined
+    width = max(running.mask.shape[1], joined.mask.shape[1])
+    for old, new in zip(_layers(running.cache), _layers(joined.cache), strict=True):
+        old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+        old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+    mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(joined.mask, width, 1)])
+    return _Block(running.rows + joined.rows, running.cache, mask, torch.cat([running.last, joined.last]))
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class ContinuousEngine(Engine):
+    """The engine with a running batch that requests join and leave at every step.
+
+    A failure while joining or stepping isolates the rows concerned: each then runs alone through
+    the dynamic path (its retry and out-of-memory handling), so no request fails for a neighbour.
+    """
+
+    scheduler: ContinuousScheduler
+
+    def __init__(self, runner: ModelRunner, scheduler: ContinuousScheduler, sink: StreamSink,
+                 worker_name: str, render: RenderFn, max_prompt_tokens: int) -> None:
+        super().__init__(runner, scheduler, sink, worker_name, render, max_prompt_tokens)
+        self.batch = ContinuousBatch(runner)
+        self._pending: dict[str, Pending] = {}
+        self._started: dict[str, float] = {}
+        self._peak: dict[str, int] = {}
+        self._segment = [time.monotonic(), 0, 0]  # start, requests finished, tokens
+
+    def _tick(self) -> None:
+        running = self.batch.rows
+        if running:  # never block while rows wait for their next token
+            self._admit(self._drain_inbox())
+        else:
+            self._admit(self._take_inbox(self.scheduler.wait_time(time.monotonic())))
+        joiners = self.scheduler.joiners([self._pending[r.request_id] for r in running], time.monotonic())
+        if joiners:
+            self._join(joiners)
+        if self.batch.rows:
+            self._step()
+
+    def _drain_inbox(self) -> list[Submission]:
+        subs: list[Submission] = []
+        while not self._inbox.empty():
+            subs.append(self._inbox.get_nowait())
+        return subs
+
+    def _join(self, joiners: list[Pending]) -> None:
+        cancelled = self.sink.cancelled([p.request_id for p in joiners])
+        for request_id in cancelled:
+            self._finish(request_id, batch_size=0, started=time.monotonic())
+        live = [p for p in joiners if p.request_id not in cancelled]
+        if not live:
+            return
+        now = time.monotonic()
+        for p in live:
+            self._pending[p.request_id], self._started[p.request_id] = p, now
+        rows = [self._rows[p.request_id][1] for p in live]
+        self.sink.begin([r.request_id for r in rows], self.worker_name, len(rows) + len(self.batch.rows))
+        self.sink.count_execution([r.request_id for r in rows])
+        try:
+            self.batch.join(rows, self.sink)
+        except Exception as error:  # noqa: BLE001 - isolated below, per request
+            self._isolate(live, error)
+            return
+        self._after_step(rows)
+
+    def _step(self) -> None:
+        try:
+            self.batch.step(self.sink)
+        except Exception as error:  # noqa: BLE001 - isolated below, per request
+            rows = self.batch.drop()
+            self._isolate([self._pending[r.request_id] for r in rows], error)
+            return
+        self._after_step(self.batch.rows)
+
+    def _after_step(self, stepped: list[BatchRow]) -> None:
+        size = len(self.batch.rows)
+        self.running = size
+        for row in stepped:
+            self._peak[row.request_id] = max(self._peak.get(row.request_id, 0), size, 1)
+        for row in self.batch.evict():
+            self._segment[1] += 1
+            self._segment[2] += len(row.state.tokens)
+            self._release(row.request_id)
+            self._finish(row.request_id, self._peak.pop(row.request_id, 1), self._started.pop(row.request_id))
+        self.running = len(self.batch.rows)
+        self._record_segment()
+
+    def _release(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    def _record_segment(self) -> None:
+        start, requests, tokens = self._segment
+        now = time.monotonic()
+        if requests and (not self.batch.rows or now - start >= SEGMENT_SECONDS):
+            self.stats.record(int(requests), int(tokens), now - start)
+            self._segment = [now, 0, 0]
+        elif not self.batch.rows:
+            self._segment = [now, 0, 0]
+
+    def _isolate(self, failed: list[Pending], error: Exception) -> None:
+        log.warning("continuous batch of %d failed (%r); running each request alone", len(failed), error)
+        if is_out_of_memory(error) and len(failed) > 1:
+            self.stats.oom_splits += 1
+            self.scheduler.on_out_of_memory(time.monotonic(), batch_cost(failed))
+        for p in failed:
+            self._release(p.request_id)
+            self._started.pop(p.request_id, None)
+            self._peak.pop(p.request_id, None)
+            self._reset_row(p.request_id)
+        for p in failed:
+            self._execute([p])
+        self.running = len(self.batch.rows)
+
+
+def make_engine(settings: FarmSettings, loaded: Any, sink: StreamSink, worker_name: str, render: RenderFn,
+                device: str = "cpu") -> Engine:
+    """The engine for ``FARM_STRATEGY`` (dynamic or continuous), torch threads set for the device."""
+    threads = configure_torch_threads(settings.torch_threads, device)
+    log.info("torch intra-op threads: %d; batching strategy: %s", threads, settings.strategy)
+    runner = ModelRunner(loaded, inject_faults=bool(settings.inject_faults))
+    args = (settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms / 1000)
+    if settings.strategy == "continuous":
+        return ContinuousEngine(runner, ContinuousScheduler(*args), sink, worker_name, render,
+                                settings.max_prompt_tokens)
+    return Engine(runner, DynamicScheduler(*args), sink, worker_name, render, settings.max_prompt_tokens)
