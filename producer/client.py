@@ -22,9 +22,12 @@ from protocol.errors import ErrorCode, FarmError, FarmUnavailable, RequestError
 from protocol.names import (GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES,
                             cancel_key, stream_key, submitted_key)
 from protocol.schema import GenerationRequest, GenerationResult, Limits
+from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+CLIENT_RETRIES = 5
+"""A client rides out about 3 s of Redis downtime before reporting it unreachable."""
 
 
 @dataclass
@@ -48,8 +51,7 @@ class FarmClient:
         base = settings or FarmSettings.from_env()
         self.settings = dataclasses.replace(base, redis_url=redis_url or base.redis_url)
         self.app = make_celery(self.settings, name="batchfarm-client")
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5,
-                                          health_check_interval=30)
+        self.redis = connect(self.settings.redis_url, retries=CLIENT_RETRIES)
 
     # --- submitting ---------------------------------------------------------------------------
     def validate(self, prompt: str | None = None, **params: Any) -> GenerationRequest:

@@ -40,6 +40,12 @@ def celery_config(settings: FarmSettings) -> dict[str, object]:
         "worker_concurrency": settings.max_inflight,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # Ride out a Redis restart: storing a result and publishing a message retry with backoff.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 20, "interval_start": 0.1, "interval_step": 0.5,
+                                      "interval_max": 2.0},
         "result_expires": settings.result_expires,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

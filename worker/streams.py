@@ -9,12 +9,16 @@ costs one round trip per flush, not 16 per token.
 from __future__ import annotations
 
 import json
+from typing import Any
+import logging
 import time
 
 import redis
 
 from protocol.names import cancel_key, executions_key, stream_key
 from protocol.schema import GenerationResult
+
+log = logging.getLogger(__name__)
 
 
 class RedisStreamSink:
@@ -31,7 +35,7 @@ class RedisStreamSink:
         pipe = self.client.pipeline(transaction=False)
         for request_id in request_ids:
             self._add(pipe, request_id, {"type": "start", "worker": worker, "batch_size": batch_size})
-        pipe.execute()
+        _execute(pipe)
         self._started = set()
         self._cancelled = set()
 
@@ -50,12 +54,16 @@ class RedisStreamSink:
         pipe = self.client.pipeline(transaction=False)
         self._add(pipe, result.id, {"type": "end", "finish_reason": result.finish_reason,
                                     "error": result.error})
-        pipe.execute()
+        _execute(pipe)
 
     def cancelled(self, request_ids: list[str]) -> set[str]:
         if not request_ids:
             return set()
-        flags = self.client.mget([cancel_key(r) for r in request_ids])
+        try:
+            flags = self.client.mget([cancel_key(r) for r in request_ids])
+        except redis.RedisError as error:
+            log.warning("cancel flags unreadable (%s); running the batch", error)
+            return set()
         return {r for r, flag in zip(request_ids, flags, strict=True) if flag}
 
     def count_execution(self, request_ids: list[str]) -> None:
@@ -63,7 +71,7 @@ class RedisStreamSink:
             pipe = self.client.pipeline(transaction=False)
             for request_id in request_ids:
                 pipe.hincrby(executions_key(), request_id, 1)
-            pipe.execute()
+            _execute(pipe)
 
     def _flush(self, active: list[str]) -> None:
         """Write buffered deltas and read the cancel flags of the active rows, one round trip."""
@@ -74,11 +82,21 @@ class RedisStreamSink:
         self._buffer = {}
         if active:
             pipe.mget([cancel_key(r) for r in active])
-        replies = pipe.execute()
-        if active:
+        replies = _execute(pipe)
+        if active and replies:
             self._cancelled = {r for r, flag in zip(active, replies[-1], strict=True) if flag}
 
     def _add(self, pipe: redis.client.Pipeline, request_id: str, event: dict[str, object]) -> None:
         key = stream_key(request_id)
         pipe.xadd(key, {"event": json.dumps(event)}, maxlen=self.maxlen, approximate=True)
         pipe.expire(key, self.ttl)
+
+
+def _execute(pipe: redis.client.Pipeline) -> list[Any] | None:
+    """Streams are best effort: while Redis restarts, generation goes on and the result (stored
+    by Celery, with retries) still carries the whole text."""
+    try:
+        return list(pipe.execute())
+    except redis.RedisError as error:
+        log.warning("stream write failed: %s", error)
+        return None
