@@ -11,9 +11,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol.errors import ErrorCode, FarmError, GenerationError, RequestError
 from protocol.schema import GenerationRequest, GenerationResult
@@ -87,6 +88,7 @@ class Engine:
         self.worker_name, self.render, self.max_prompt_tokens = worker_name, render, max_prompt_tokens
         self.stats = EngineStats()
         self._inbox: queue.Queue[Submission] = queue.Queue()
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._rows: dict[str, tuple[Submission, BatchRow]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -117,6 +119,21 @@ class Engine:
         self._inbox.put(sub)
         return sub.future
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the model thread between batches (or decode steps): the only safe time
+        to change the model, e.g. to load an adapter."""
+        future: Future[Any] = Future()
+        self._calls.put((fn, future))
+        return future
+
+    def _run_calls(self) -> None:
+        while not self._calls.empty():
+            fn, future = self._calls.get_nowait()
+            try:
+                future.set_result(fn())
+            except Exception as error:  # noqa: BLE001 - handed to the caller
+                future.set_exception(error)
+
     def _forget(self, request_id: str) -> None:
         with self._lock:
             self._futures.pop(request_id, None)
@@ -124,6 +141,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._run_calls()
                 self._tick()
             except Exception:  # the model thread must survive anything a batch does
                 log.exception("engine step failed")

@@ -73,15 +73,17 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     def render(request: GenerationRequest) -> str:
         return render_prompt(loaded, settings.template, request.prompt, request.messages)
 
+    from worker.adapters import AdapterRegistry, register_adapter_control
     from worker.heartbeat import Heartbeat
     from worker.tasks import register_generate
 
     engine = make_engine(settings, loaded, sink, name, render, plan.device)
     engine.start()
     app = make_celery(settings)
-    limits = Limits.from_settings(settings, settings.adapter_names())
-    register_generate(app, engine, limits)
     info = _worker_info(settings, plan, loaded, name, time.monotonic() - started)
+    adapters = AdapterRegistry(engine, loaded, info)  # adapters load at run time (control command)
+    register_adapter_control(adapters)
+    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()))
     heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds)
     _connect_lifecycle(heartbeat, engine)
     log.info("model loaded in %.1fs; worker %s taking work from %s", info["load_seconds"], name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
@@ -13,8 +14,9 @@ from protocol.schema import GenerationRequest, Limits
 from worker.engine import Engine
 
 
-def register_generate(app: Celery, engine: Engine, limits: Limits) -> Task:
-    """Bind the task to this process's engine (one engine per worker process)."""
+def register_generate(app: Celery, engine: Engine, limits: Limits | Callable[[], Limits]) -> Task:
+    """Bind the task to this process's engine (one engine per worker process); ``limits`` may be
+    a function, read per request (adapters can be loaded while the worker runs)."""
 
     @app.task(name=GENERATE_TASK, bind=True, throws=(FarmError,))
     def generate(self: Task, request: Any = None, meta: Any = None) -> dict[str, Any]:
@@ -22,7 +24,7 @@ def register_generate(app: Celery, engine: Engine, limits: Limits) -> Task:
         stored = _stored_result(app, task_id)
         if stored is not None:  # a redelivery of a finished request does not run again
             return stored
-        req = GenerationRequest.from_dict(request, limits)
+        req = GenerationRequest.from_dict(request, limits() if callable(limits) else limits)
         meta = meta if isinstance(meta, dict) else {}
         result = engine.submit(task_id, req, _submitted_at(meta), _priority(self)).result()
         if result.finish_reason == "error" and result.error:
