@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from protocol.names import QUEUES
 from protocol.schema import GenerationRequest, Limits
 from protocol.settings import FarmSettings
 from worker.devices import WorkerPlan, count_gpus, plan_workers
+from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
 log = logging.getLogger("batchfarm.worker")
 
@@ -69,6 +71,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     loaded = load_model(settings, plan.device)
     client = redis.Redis.from_url(settings.redis_url)
     sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
+    metrics = WorkerMetrics()
 
     def render(request: GenerationRequest) -> str:
         return render_prompt(loaded, settings.template, request.prompt, request.messages)
@@ -77,13 +80,14 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     from worker.heartbeat import Heartbeat
     from worker.tasks import register_generate
 
-    engine = make_engine(settings, loaded, sink, name, render, plan.device)
+    engine = make_engine(settings, loaded, MeteredSink(sink, metrics), name, render, plan.device)
     engine.start()
     app = make_celery(settings)
     info = _worker_info(settings, plan, loaded, name, time.monotonic() - started)
     adapters = AdapterRegistry(engine, loaded, info)  # adapters load at run time (control command)
     register_adapter_control(adapters)
     register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()))
+    _start_metrics(metrics, engine, settings, info)
     heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds)
     _connect_lifecycle(heartbeat, engine)
     log.info("model loaded in %.1fs; worker %s taking work from %s", info["load_seconds"], name,
@@ -98,6 +102,16 @@ def _worker_info(settings: FarmSettings, plan: WorkerPlan, loaded: Any, name: st
             "model": loaded.name, "quant": loaded.quant, "adapters": settings.adapter_names(),
             "strategy": settings.strategy, "max_batch_size": settings.max_batch_size,
             "load_seconds": round(load_seconds, 2), "ready": True, "started_at": time.time()}
+
+
+def _start_metrics(metrics: WorkerMetrics, engine: Any, settings: FarmSettings, info: dict[str, Any]) -> None:
+    """Prometheus endpoint of this process (its port goes in the heartbeat so others find it)."""
+    metrics.describe({**info, "host": socket.gethostname()})
+    metrics.watch_engine(engine)
+    connect_task_signals(metrics)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+        info["metrics_port"] = settings.metrics_port
 
 
 def _connect_lifecycle(heartbeat: Any, engine: Any) -> None:

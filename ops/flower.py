@@ -1,0 +1,80 @@
+"""``farm flower``: Flower (Celery's monitoring UI) on the farm's broker, with the farm's rules.
+
+- Task events on (workers send them; Flower also asks workers to enable them).
+- ``--basic-auth`` (from ``FARM_FLOWER_AUTH``) is required when Flower binds anything but
+  loopback: Flower can revoke tasks and shut workers down.
+- Prometheus ``/metrics`` is always served (Flower 2 serves it without auth). Flower's ``/api``
+  needs auth; on loopback without auth it is opened with ``FLOWER_UNAUTHENTICATED_API``.
+- The password goes to Flower through its environment, never its command line (``ps`` shows that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from protocol.errors import SettingsError
+from protocol.settings import FarmSettings
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost; ``""`` and ``0.0.0.0`` mean every interface."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(host: str, auth: str) -> None:
+    """Refuse an exposed Flower without basic auth, or with a malformed one."""
+    if auth and (":" not in auth or not auth.split(":", 1)[0] or not auth.split(":", 1)[1]):
+        raise SettingsError("FARM_FLOWER_AUTH must be user:password")
+    if not auth and not is_loopback(host):
+        raise SettingsError(
+            f"Flower would listen on {host or 'every interface'} without a password: set "
+            "FARM_FLOWER_AUTH=user:password (basic auth) or bind it to 127.0.0.1")
+
+
+def flower_argv(host: str, port: int) -> list[str]:
+    """Arguments of ``celery flower`` (the Celery app, with the broker, is passed in-process)."""
+    return ["flower", f"--address={host}", f"--port={port}", "--enable_events=True", "--purge_offline_workers=300"]
+
+
+def flower_env(host: str, auth: str) -> dict[str, str]:
+    """Environment variables Flower reads its secrets and API policy from."""
+    if auth:
+        return {"FLOWER_BASIC_AUTH": auth}
+    # Loopback only (check_auth refused the rest): the farm's tests and `farm status` may use /api.
+    return {"FLOWER_UNAUTHENTICATED_API": "true"}
+
+
+def _parser(settings: FarmSettings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm flower", description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=settings.flower_port, help="port (FARM_FLOWER_PORT)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = FarmSettings.from_env()
+    args = _parser(settings).parse_args(argv)
+    try:
+        check_auth(args.address, settings.flower_auth)
+    except SettingsError as error:
+        print(f"farm flower: {error}", file=sys.stderr)
+        return 2
+    os.environ.update(flower_env(args.address, settings.flower_auth))
+    from protocol.celery_app import make_celery
+
+    app = make_celery(settings, name="batchfarm-flower")
+    return int(app.start(flower_argv(args.address, args.port)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

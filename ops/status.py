@@ -1,0 +1,97 @@
+"""``farm status``: Redis, the workers online and the queues, in one screen.
+
+Everything comes from Redis: the workers' heartbeat records (``FarmClient.workers()``) and the
+queue lengths (``FarmClient.queue_depths()``). If Redis does not answer, one line says so and
+the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from protocol.errors import FarmUnavailable
+from protocol.settings import FarmSettings
+
+
+def workers_table(workers: list[dict[str, Any]], now: float | None = None) -> Table:
+    """One row per worker: where it runs, what it serves, how it batches."""
+    now = time.time() if now is None else now
+    table = Table(title=f"Workers online: {len(workers)}", title_justify="left")
+    for column in ("worker", "host", "device", "model", "quant", "state", "batches", "requests",
+                   "mean batch", "tok/s", "run/wait", "failed", "seen", "metrics"):
+        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column == "worker")
+    for w in sorted(workers, key=lambda w: str(w.get("name", ""))):
+        table.add_row(*worker_row(w, now))
+    return table
+
+
+NUMERIC = {"batches", "requests", "mean batch", "tok/s", "run/wait", "failed", "seen", "metrics"}
+
+
+def worker_row(w: dict[str, Any], now: float) -> list[str]:
+    device = str(w.get("device", "?"))
+    if w.get("cuda_visible_devices"):
+        device += f" (GPU {w['cuda_visible_devices']})"
+    return [
+        str(w.get("name", "?")), str(w.get("host", "?")), device, Path(str(w.get("model", "?"))).name or "?",
+        str(w.get("quant", "?")), "ready" if w.get("ready") else "loading",
+        str(w.get("batches", 0)), str(w.get("requests", 0)), f"{float(w.get('mean_batch_size', 0.0)):.1f}",
+        f"{float(w.get('tokens_per_second', 0.0)):.1f}", f"{w.get('running', 0)}/{w.get('waiting', 0)}",
+        str(w.get("failed", 0)), f"{max(0.0, now - float(w.get('updated_at', now))):.0f}s ago",
+        str(w.get("metrics_port") or "-"),
+    ]
+
+
+def queues_table(depths: dict[str, int]) -> Table:
+    table = Table(title="Queues (messages waiting for a worker)", title_justify="left")
+    table.add_column("queue")
+    table.add_column("waiting", justify="right")
+    for queue, depth in depths.items():
+        table.add_row(queue, str(depth))
+    return table
+
+
+def snapshot(settings: FarmSettings) -> dict[str, Any]:
+    """What the screen shows, as data (``--json``); raises ``FarmUnavailable`` if Redis is down."""
+    from producer.client import FarmClient
+
+    client = FarmClient(settings=settings)
+    client.ping()
+    return {"redis": settings.redacted_redis_url(), "workers": client.workers(), "queues": client.queue_depths()}
+
+
+def render(state: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]Redis[/bold] {state['redis']}: reachable")
+    console.print(workers_table(state["workers"]))
+    if not state["workers"]:
+        console.print("No worker online: start one with `./farm up` or `./farm worker`.")
+    console.print(queues_table(state["queues"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="farm status", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the state as json instead of tables")
+    args = parser.parse_args(argv)
+    settings = FarmSettings.from_env()
+    try:
+        state = snapshot(settings)
+    except FarmUnavailable as error:
+        print(f"farm status: {error.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        render(state, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
