@@ -1,0 +1,25 @@
+# batchfarm image: one image for every role (worker, flower, ui, make-model); the command picks it.
+# On a GPU host, pip's torch wheel for Linux brings its own CUDA runtime: the host needs only the
+# NVIDIA driver and the NVIDIA container toolkit (for the compose file's device reservations).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PYTHONPATH=/app PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY protocol protocol
+COPY worker worker
+COPY producer producer
+COPY ops ops
+COPY ui ui
+COPY farm pyproject.toml ./
+
+# Never run the farm as root; the models volume is created owned by the farm user.
+RUN useradd --create-home --uid 1000 farm && mkdir -p /models /home/farm/.cache/huggingface \
+    && chown -R farm:farm /models /home/farm/.cache
+USER farm
+
+ENTRYPOINT ["python", "-m", "ops.cli"]
+CMD ["--help"]
