@@ -44,6 +44,11 @@ def executions_key() -> str:
     return f"{PREFIX}executions"
 
 
+def redeliveries_key() -> str:
+    """Counter hash of redelivered messages per request id (with executions counting on)."""
+    return f"{PREFIX}redelivered"
+
+
 def job_key(job_id: str) -> str:
     """Hash describing a bulk job (total rows, params, state)."""
     return f"{PREFIX}job:{job_id}"

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+pytest_plugins = ["tests.reliability_report"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = ROOT / ".farm" / "test-models"
 OUTPUT = ROOT / "test-output"

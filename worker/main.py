@@ -12,13 +12,14 @@ import sys
 import time
 from typing import Any
 
-import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from protocol.celery_app import make_celery
 from protocol.names import QUEUES
 from protocol.schema import GenerationRequest, Limits
+from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
+from worker.transport import install as install_safe_transport
 from worker.devices import WorkerPlan, count_gpus, plan_workers
 from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
@@ -69,7 +70,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
     metrics = WorkerMetrics()
 
@@ -82,11 +83,12 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
 
     engine = make_engine(settings, loaded, MeteredSink(sink, metrics), name, render, plan.device)
     engine.start()
+    install_safe_transport()  # a malformed message must not stop the worker
     app = make_celery(settings)
     info = _worker_info(settings, plan, loaded, name, time.monotonic() - started)
     adapters = AdapterRegistry(engine, loaded, info)  # adapters load at run time (control command)
     register_adapter_control(adapters)
-    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()))
+    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()), sink.note_redelivery)
     _start_metrics(metrics, engine, settings, info)
     heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds)
     _connect_lifecycle(heartbeat, engine)

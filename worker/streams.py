@@ -15,7 +15,7 @@ import time
 
 import redis
 
-from protocol.names import cancel_key, executions_key, stream_key
+from protocol.names import cancel_key, executions_key, redeliveries_key, stream_key
 from protocol.schema import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ class RedisStreamSink:
             for request_id in request_ids:
                 pipe.hincrby(executions_key(), request_id, 1)
             _execute(pipe)
+
+    def note_redelivery(self, request_id: str) -> None:
+        """A message came back after its worker died holding it (logged; counted for tests)."""
+        log.info("redelivered: %s", request_id)
+        if self.count_executions:
+            _execute(self.client.pipeline(transaction=False).hincrby(redeliveries_key(), request_id, 1))
 
     def _flush(self, active: list[str]) -> None:
         """Write buffered deltas and read the cancel flags of the active rows, one round trip."""

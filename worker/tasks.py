@@ -14,13 +14,17 @@ from protocol.schema import GenerationRequest, Limits
 from worker.engine import Engine
 
 
-def register_generate(app: Celery, engine: Engine, limits: Limits | Callable[[], Limits]) -> Task:
+def register_generate(app: Celery, engine: Engine, limits: Limits | Callable[[], Limits],
+                      on_redelivered: Callable[[str], None] | None = None) -> Task:
     """Bind the task to this process's engine (one engine per worker process); ``limits`` may be
-    a function, read per request (adapters can be loaded while the worker runs)."""
+    a function, read per request (adapters can be loaded while the worker runs);
+    ``on_redelivered`` hears of messages that came back (a worker died holding them)."""
 
     @app.task(name=GENERATE_TASK, bind=True, throws=(FarmError,))
     def generate(self: Task, request: Any = None, meta: Any = None) -> dict[str, Any]:
         task_id = str(self.request.id)
+        if on_redelivered is not None and (self.request.delivery_info or {}).get("redelivered"):
+            on_redelivered(task_id)
         stored = _stored_result(app, task_id)
         if stored is not None:  # a redelivery of a finished request does not run again
             return stored
