@@ -1,0 +1,1 @@
+"""Benchmarks of batchfarm against its baselines (``farm bench``)."""

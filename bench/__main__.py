@@ -1,0 +1,232 @@
+"""``farm bench`` / ``python -m bench``: batchfarm against its baselines, in one run.
+
+Modes: ``sequential`` (plain ``generate``, one prompt at a time), ``gradio-concurrency`` (N threads
+on one shared model, no batching), ``static-batch`` (one in-process batched ``generate`` per N
+prompts), ``transformers-serve`` (``transformers serve --continuous-batching`` over HTTP) and
+``farm-dynamic`` / ``farm-continuous`` (N clients through Redis and a real worker). Every mode runs
+the same prompts with the same fixed number of new tokens (EOS ignored), greedy, fp32; each
+output is checked against ``sequential``. A second scenario mixes short and long requests to
+compare the farm's batching strategies. Writes JSON, a PNG plot and a markdown table under
+``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.workload import Job, Run, make_prompts
+
+ALL_MODES = ("sequential", "gradio-concurrency", "static-batch", "transformers-serve", "farm-dynamic",
+             "farm-continuous")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    modes = _modes(args.modes)
+    model = _model_path(args.model)
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    record = _run_all(args, modes, model, threads, levels)
+    record["argv"] = list(sys.argv[1:] if argv is None else argv)
+    _write(args.out, record)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="model path or name (default: the ~100M random Llama, built)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=0, help="requests per run (default: max(32, N))")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request (EOS ignored)")
+    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated, of: " + " ".join(ALL_MODES))
+    parser.add_argument("--mixed", type=int, default=16, help="clients of the short/long scenario (0: skip it)")
+    parser.add_argument("--mixed-requests", type=int, default=32, help="requests of the short/long scenario")
+    parser.add_argument("--short-tokens", type=int, default=16)
+    parser.add_argument("--long-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of every mode (default: half the cores, as the worker)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return parser
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(ALL_MODES))
+    if unknown:
+        raise SystemExit(f"farm bench: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
+    return modes
+
+
+def _model_path(model: str) -> str:
+    if model:
+        return model
+    from ops.make_model import ensure_model
+    from protocol.settings import project_root
+
+    return str(ensure_model(project_root() / ".farm" / "models" / "bench", "bench"))
+
+
+def _jobs(prompts: list[str], count: int, new_tokens: int) -> list[Job]:
+    return [Job(i % len(prompts), prompts[i % len(prompts)], new_tokens) for i in range(count)]
+
+
+def _mixed_jobs(prompts: list[str], count: int, short: int, long: int) -> list[Job]:
+    # Long and short alternate, so every batch the dynamic strategy forms holds both.
+    return [Job(i % len(prompts), prompts[i % len(prompts)], long if i % 2 == 0 else short,
+                "long" if i % 2 == 0 else "short") for i in range(count)]
+
+
+def _run_all(args: argparse.Namespace, modes: list[str], model: str, threads: int,
+             levels: list[int]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    count = {c: args.requests or max(32, c) for c in levels}
+    prompts = make_prompts(min(32, max(count.values())))
+    log = _Log(args.out)
+    started, load_before = time.time(), os.getloadavg()
+    runs, reference = _local_modes(model, modes, prompts, count, levels, args.new_tokens, log)
+    runs += _serve_mode(model, modes, prompts, count, levels, args.new_tokens, threads, log)
+    farm_runs, mixed = _farm_modes(args, model, modes, prompts, count, levels, threads, log)
+    runs += farm_runs
+    rows = [_checked(run, reference) for run in runs]
+    mixed_rows = _agreeing(mixed)
+    from bench.report import targets
+
+    return {"model": model, "new_tokens": args.new_tokens, "concurrency": levels, "threads": threads,
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "started_at": started, "seconds": round(time.time() - started, 1),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "results": rows, "mixed": mixed_rows, "targets": targets(rows, mixed_rows, _target_level(levels)),
+            "samples": {f"{r.mode}@{r.concurrency}": [s.__dict__ for s in r.samples] for r in runs + mixed}}
+
+
+def _target_level(levels: list[int]) -> int:
+    return 16 if 16 in levels else max(levels)
+
+
+class _Log:
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.logdir = out / "logs"
+
+    def __call__(self, run: Run) -> Run:
+        summary = run.summary()
+        text = summary.get("unavailable") or f"{summary['tokens_per_s']} tok/s, p50 {summary.get('latency_p50')} s"
+        print(f"bench: {run.mode} N={run.concurrency}: {text}", file=sys.stderr, flush=True)
+        return run
+
+
+def _local_modes(model: str, modes: list[str], prompts: list[str], count: dict[int, int], levels: list[int],
+                 new_tokens: int, log: _Log) -> tuple[list[Run], dict[int, str]]:
+    from bench.local import LocalModel, run_gradio, run_sequential, run_static
+
+    local = LocalModel(model)
+    # The reference outputs: every prompt once, alone (also the `sequential` mode's run).
+    seq = log(run_sequential(local, _jobs(prompts, len(prompts), new_tokens)))
+    reference = {s.index: s.text for s in seq.samples}
+    runs = [seq] if "sequential" in modes else []
+    for c in levels:
+        jobs = _jobs(prompts, count[c], new_tokens)
+        if "gradio-concurrency" in modes:
+            runs.append(log(run_gradio(local, jobs, c)))
+        if "static-batch" in modes:
+            runs.append(log(run_static(local, jobs, c)))
+    del local
+    gc.collect()
+    return runs, reference
+
+
+def _serve_mode(model: str, modes: list[str], prompts: list[str], count: dict[int, int], levels: list[int],
+                new_tokens: int, threads: int, log: _Log) -> list[Run]:
+    if "transformers-serve" not in modes:
+        return []
+    from bench.serve import ServeServer, run_serve, unavailable_reason
+
+    reason = unavailable_reason()
+    server = None
+    if reason is None:
+        try:
+            server = ServeServer(model, threads, max(levels), max(new_tokens, 64) + 128, log.logdir)
+        except RuntimeError as error:
+            reason = str(error)
+    if server is None:
+        return [log(Run("transformers-serve", c, unavailable=reason)) for c in levels]
+    try:
+        return [log(run_serve(server, _jobs(prompts, count[c], new_tokens), c)) for c in levels]
+    finally:
+        server.close()
+
+
+def _farm_modes(args: argparse.Namespace, model: str, modes: list[str], prompts: list[str], count: dict[int, int],
+                levels: list[int], threads: int, log: _Log) -> tuple[list[Run], list[Run]]:
+    from bench.farm import FarmUnderTest, run_farm
+
+    runs: list[Run] = []
+    mixed: list[Run] = []
+    for strategy in ("dynamic", "continuous"):
+        if f"farm-{strategy}" not in modes:
+            continue
+        max_batch = max(max(levels), args.mixed)
+        try:
+            farm = FarmUnderTest(model, strategy, threads, max_batch, max(args.new_tokens, args.long_tokens),
+                                 log.logdir)
+        except RuntimeError as error:
+            runs += [log(Run(f"farm-{strategy}", c, unavailable=str(error))) for c in levels]
+            continue
+        try:
+            runs += [log(run_farm(farm, _jobs(prompts, count[c], args.new_tokens), c)) for c in levels]
+            if args.mixed:
+                jobs = _mixed_jobs(prompts, args.mixed_requests, args.short_tokens, args.long_tokens)
+                mixed.append(log(run_farm(farm, jobs, args.mixed)))
+        finally:
+            farm.close()
+    return runs, mixed
+
+
+def _checked(run: Run, reference: dict[int, str]) -> dict[str, Any]:
+    """The run's summary with how many outputs equal the sequential reference."""
+    row = run.summary()
+    if not run.unavailable:
+        same = sum(s.error is None and s.text == reference.get(s.index) for s in run.samples)
+        row["identical"] = f"{same}/{len(run.samples)}"
+        row["identical_all"] = same == len(run.samples)
+    return row
+
+
+def _agreeing(mixed: list[Run]) -> list[dict[str, Any]]:
+    """Mixed-scenario rows; both strategies must give each request the same text."""
+    rows = [run.summary() for run in mixed]
+    if len(mixed) == 2:
+        first = {(s.index, s.kind): s.text for s in mixed[0].samples}
+        same = sum(first.get((s.index, s.kind)) == s.text for s in mixed[1].samples)
+        for row in rows:
+            row["identical"] = f"{same}/{len(mixed[1].samples)}"
+            row["identical_all"] = same == len(mixed[1].samples)
+    return rows
+
+
+def _write(out: Path, record: dict[str, Any]) -> None:
+    from bench.report import mixed_table, plot, table, targets_table, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", record)
+    title = (f"{Path(record['model']).name}: {record['new_tokens']} new tokens, fp32, {record['threads']} torch "
+             f"thread(s), {record['cpus']} CPUs")
+    plot(out / "bench.png", record["results"], title)
+    text = "\n\n".join([table(record["results"]), mixed_table(record["mixed"]) if record["mixed"] else "",
+                        targets_table(record["targets"])])
+    (out / "bench.md").write_text(text + "\n")
+    print(text)
+    print(f"\nbench: wrote {out / 'bench.json'}, {out / 'bench.png'}, {out / 'bench.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
