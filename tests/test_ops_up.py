@@ -142,7 +142,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmUp]:
 
 def test_prints_urls_with_passwords_redacted(farm: FarmUp) -> None:
     lines = "\n".join(farm.farm_lines())
-    assert re.search(rf"Redis +redis://:\*\*\*@127\.0\.0\.1:\d+/0", lines)
+    assert re.search(r"Redis +redis://:\*\*\*@127\.0\.0\.1:\d+/0", lines)
     assert f"http://127.0.0.1:{farm.flower_port}" in lines
     assert f"http://127.0.0.1:{farm.ui_port}" in lines
     assert f"http://127.0.0.1:{farm.metrics_port}/metrics ({WORKER})" in lines
