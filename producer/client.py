@@ -10,9 +10,9 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import OperationalError
@@ -24,6 +24,9 @@ from protocol.names import (GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE,
 from protocol.schema import GenerationRequest, GenerationResult, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
+
+if TYPE_CHECKING:
+    from producer.jobs import Job
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 CLIENT_RETRIES = 5
@@ -86,6 +89,22 @@ class FarmClient:
     def handle(self, request_id: str) -> RequestHandle:
         """Follow a request submitted elsewhere."""
         return RequestHandle(self, request_id)
+
+    # --- bulk jobs (producer/jobs.py) ---------------------------------------------------------
+    def submit_job(self, prompts: Iterable[Any], job_id: str | None = None, *, total: int | None = None,
+                   window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
+        """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
+        the ``bulk`` queue, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
+        ``<job_id>:<i>``. Resubmitting a job id sends only the rows never sent."""
+        from producer.jobs import Job
+
+        return Job.submit(self, prompts, job_id, total=total, window=window, fingerprint=fingerprint, **params)
+
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job submitted by any process: progress, results, cancel, retry."""
+        from producer.jobs import Job
+
+        return Job.attach(self, job_id)
 
     # --- the farm's state ---------------------------------------------------------------------
     def limits(self) -> Limits:
