@@ -25,15 +25,16 @@ def workers_table(workers: list[dict[str, Any]], now: float | None = None) -> Ta
     """One row per worker: where it runs, what it serves, how it batches."""
     now = time.time() if now is None else now
     table = Table(title=f"Workers online: {len(workers)}", title_justify="left")
-    for column in ("worker", "host", "device", "model", "quant", "state", "batches", "requests",
-                   "mean batch", "tok/s", "run/wait", "failed", "seen", "metrics"):
+    for column in COLUMNS:
         table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column == "worker")
     for w in sorted(workers, key=lambda w: str(w.get("name", ""))):
         table.add_row(*worker_row(w, now))
     return table
 
 
-NUMERIC = {"batches", "requests", "mean batch", "tok/s", "run/wait", "failed", "seen", "metrics"}
+COLUMNS = ("worker", "host", "device", "model", "quant", "state", "batches", "requests", "mean batch", "tok/s",
+           "run/wait", "queue wait", "1st token", "ms/token", "failed", "seen", "metrics")
+NUMERIC = set(COLUMNS[6:])
 
 
 def worker_row(w: dict[str, Any], now: float) -> list[str]:
@@ -45,9 +46,19 @@ def worker_row(w: dict[str, Any], now: float) -> list[str]:
         str(w.get("quant", "?")), "ready" if w.get("ready") else "loading",
         str(w.get("batches", 0)), str(w.get("requests", 0)), f"{float(w.get('mean_batch_size', 0.0)):.1f}",
         f"{float(w.get('tokens_per_second', 0.0)):.1f}", f"{w.get('running', 0)}/{w.get('waiting', 0)}",
+        _seconds(w.get("queue_wait_seconds")), _seconds(w.get("first_token_seconds")),
+        _millis(w.get("decode_seconds_per_token")),
         str(w.get("failed", 0)), f"{max(0.0, now - float(w.get('updated_at', now))):.0f}s ago",
         str(w.get("metrics_port") or "-"),
     ]
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}s"
+
+
+def _millis(value: Any) -> str:
+    return "-" if value is None else f"{float(value) * 1000:.1f}"
 
 
 def queues_table(depths: dict[str, int]) -> Table:

@@ -170,6 +170,9 @@ def test_metered_sink_observes_batches_and_results() -> None:
     assert "farm_time_to_first_token_seconds_sum 0.5" in text
     assert "farm_decode_seconds_per_token_sum 0.1" in text  # (1.5 - 0.5) / 10 tokens
     assert "farm_queue_wait_seconds_count 1.0" in text
+    metrics.task_started()
+    assert metrics.summary() == {"in_flight": 1, "queue_wait_seconds": 0.2, "first_token_seconds": 0.5,
+                                 "decode_seconds_per_token": pytest.approx(0.1)}
 
 
 def test_status_screen_shows_workers_and_queues() -> None:
@@ -177,12 +180,13 @@ def test_status_screen_shows_workers_and_queues() -> None:
     worker = {"name": "gpu1@box", "host": "box", "device": "cuda:0", "cuda_visible_devices": "1",
               "model": "/models/demo", "quant": "int8", "ready": True, "batches": 3, "requests": 40,
               "mean_batch_size": 13.3, "tokens_per_second": 95.5, "running": 8, "waiting": 2,
-              "updated_at": time.time(), "metrics_port": 9401}
+              "updated_at": time.time(), "metrics_port": 9401, "queue_wait_seconds": 0.25,
+              "first_token_seconds": 0.125, "decode_seconds_per_token": 0.0125}
     render({"redis": "redis://:***@h:6379/0", "workers": [worker], "queues": {"interactive": 0, "bulk": 7}},
            console)
     text = console.file.getvalue()  # type: ignore[attr-defined]
     for part in ("Workers online: 1", "gpu1@box", "cuda:0 (GPU 1)", "demo", "int8", "ready", "13.3", "95.5",
-                 "8/2", "9401", "bulk", "7", "redis://:***@h:6379/0"):
+                 "8/2", "9401", "bulk", "7", "redis://:***@h:6379/0", "0.25s", "0.12s", "12.5"):
         assert part in text, part
 
 

@@ -188,6 +188,12 @@ def test_metrics_from_flower_and_the_worker(farm: FarmUp) -> None:
     assert metric(worker_page, "farm_requests_in_flight") == 0
     assert f'name="{WORKER}"' in worker_page and 'device="cpu"' in worker_page
 
+    def heartbeat_has_latencies() -> bool:
+        record = {w["name"]: w for w in client.workers()}[WORKER]
+        return record.get("first_token_seconds") is not None and record.get("decode_seconds_per_token") is not None
+
+    wait_until(heartbeat_has_latencies, 10, "the heartbeat carries no latency summary")
+
     def flower_saw_tasks() -> bool:
         code, page = http_get(f"http://127.0.0.1:{farm.flower_port}/metrics")
         return code == 200 and 'type="task-succeeded"' in page and f'worker="{WORKER}"' in page
@@ -203,7 +209,7 @@ def test_farm_status_shows_the_running_farm(farm: FarmUp) -> None:
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for part in ("reachable", "Workers online: 1", WORKER, "cpu", "tiny", "ready", "interactive", "bulk",
-                 str(farm.metrics_port)):
+                 "1st token", str(farm.metrics_port)):
         assert part in out.stdout, (part, out.stdout)
     assert "up-test-pw" not in out.stdout
 

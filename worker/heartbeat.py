@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -47,9 +48,11 @@ class Heartbeat:
     """Writes the record every ``interval`` seconds with an expiry of three intervals."""
 
     def __init__(self, client: redis.Redis, engine: Engine, name: str, info: dict[str, Any],
-                 interval: float) -> None:
+                 interval: float, extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.client, self.engine, self.name = client, engine, name
         self.info, self.interval = info, interval
+        self.extra = extra
+        """More live fields for the record (the metrics' latency summary)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -66,6 +69,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         record = heartbeat_record(self.engine, self.info)
+        if self.extra is not None:
+            record.update(self.extra())
         ttl = max(1, int(self.interval * 3))
         self.client.set(heartbeat_key(self.name), json.dumps(record), ex=ttl)
 

@@ -90,7 +90,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     register_adapter_control(adapters)
     register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()), sink.note_redelivery)
     _start_metrics(metrics, engine, settings, info)
-    heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds)
+    heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds, metrics.summary)
     _connect_lifecycle(heartbeat, engine)
     log.info("model loaded in %.1fs; worker %s taking work from %s", info["load_seconds"], name,
              settings.redacted_redis_url())

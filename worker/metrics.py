@@ -11,7 +11,9 @@ Every metric lives in the worker's own ``CollectorRegistry`` served on ``FARM_ME
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TOKENS_PER_SECOND_WINDOW = 60.0
+SUMMARY_WINDOW = 256
+"""Results the heartbeat's latency summary averages over."""
 
 
 class WorkerMetrics:
@@ -61,6 +65,9 @@ class WorkerMetrics:
                                        f"Completion tokens per second over the last {TOKENS_PER_SECOND_WINDOW:.0f}s "
                                        "of batches", registry=r)
         self.oom_splits = Gauge("farm_oom_splits", "Batches split after running out of memory", registry=r)
+        self._recent: deque[tuple[float, float | None, float | None]] = deque(maxlen=SUMMARY_WINDOW)
+        self._tasks = 0
+        self._lock = threading.Lock()
 
     def describe(self, info: dict[str, Any]) -> None:
         """Model and device of this worker, as labels of ``farm_worker_info``."""
@@ -85,16 +92,46 @@ class WorkerMetrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.queue_wait.observe(result.queue_seconds)
         self.generate.observe(result.generate_seconds)
+        per_token = decode_seconds_per_token(result)
         if result.first_token_seconds is not None:
             self.first_token.observe(result.first_token_seconds)
-            if result.completion_tokens > 1:
-                decode = result.generate_seconds - result.first_token_seconds
-                self.decode_per_token.observe(max(0.0, decode) / (result.completion_tokens - 1))
+        if per_token is not None:
+            self.decode_per_token.observe(per_token)
+        self._recent.append((result.queue_seconds, result.first_token_seconds, per_token))
+
+    def task_started(self) -> None:
+        with self._lock:
+            self._tasks += 1
+        self.in_flight.inc()
+
+    def task_ended(self) -> None:
+        with self._lock:
+            self._tasks -= 1
+        self.in_flight.dec()
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Recent latencies for the heartbeat record (what ``farm status`` and the UI show)."""
+        recent = list(self._recent)
+        return {"in_flight": self._tasks,
+                "queue_wait_seconds": _mean([q for q, _, _ in recent]),
+                "first_token_seconds": _mean([t for _, t, _ in recent if t is not None]),
+                "decode_seconds_per_token": _mean([d for _, _, d in recent if d is not None])}
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
         start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def decode_seconds_per_token(result: GenerationResult) -> float | None:
+    """Seconds per token after the first one (the first token's time is prefill)."""
+    if result.first_token_seconds is None or result.completion_tokens < 2:
+        return None
+    return max(0.0, result.generate_seconds - result.first_token_seconds) / (result.completion_tokens - 1)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def recent_tokens_per_second(engine: Engine, now: float | None = None) -> float:
@@ -134,10 +171,10 @@ def connect_task_signals(metrics: WorkerMetrics) -> Callable[[], None]:
     from celery.signals import task_postrun, task_prerun
 
     def started(**_: Any) -> None:
-        metrics.in_flight.inc()
+        metrics.task_started()
 
     def ended(**_: Any) -> None:
-        metrics.in_flight.dec()
+        metrics.task_ended()
 
     task_prerun.connect(started, weak=False)
     task_postrun.connect(ended, weak=False)
