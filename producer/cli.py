@@ -146,12 +146,12 @@ def _announce(job: Job, total: int, written: Written, output: Path) -> None:
 
 def write_results(job: Job, output: Path, written: Written, quiet: bool) -> int:
     """Append results in input order after the rows already written, one flushed line each;
-    returns how many did not succeed."""
+    returns how many did not succeed (failed or cancelled)."""
     failed = 0
     with _appender(output, written.size) as append, _progress_display(job, quiet):
         for index, result in enumerate(job.results(written.rows), written.rows):
             append(result_line(job.id, index, result))
-            failed += not result.ok
+            failed += result.finish_reason not in ("length", "stop")
     return failed
 
 

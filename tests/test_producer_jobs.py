@@ -1,0 +1,139 @@
+"""Bulk jobs through the Python API against a real Redis and the shared tiny-model worker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+
+from producer import FarmClient, Job
+from protocol.errors import RequestError
+from protocol.names import BULK_QUEUE, executions_key
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def executions(client: FarmClient, job: Job) -> dict[int, int]:
+    """Times the worker ran each row of ``job`` (the worker counts executions per request id)."""
+    prefix = f"{job.id}:"
+    counts = client.redis.hgetall(executions_key())
+    return {int(k.decode()[len(prefix):]): int(v) for k, v in counts.items() if k.decode().startswith(prefix)}
+
+
+def prompts(tag: str, count: int) -> list[str]:
+    return [f"{tag} row {i}" for i in range(count)]
+
+
+def test_job_of_2000_prompts_completes_in_input_order_each_row_once(client: FarmClient) -> None:
+    deepest = 0
+    done = threading.Event()
+
+    def sample_queue() -> None:  # the window bounds what the job puts in Redis at once
+        nonlocal deepest
+        while not done.wait(0.02):
+            deepest = max(deepest, int(client.redis.llen(BULK_QUEUE)))
+
+    sampler = threading.Thread(target=sample_queue, daemon=True)
+    sampler.start()
+    job = client.submit_job(prompts("order", 2000), window=128, max_new_tokens=2)
+    results = list(job.results(timeout=180))
+    done.set()
+    sampler.join()
+    assert [r.id for r in results] == [f"{job.id}:{i}" for i in range(2000)]
+    assert all(r.ok and r.finish_reason == "length" and r.completion_tokens == 2 for r in results)
+    assert max(r.batch_size for r in results) > 1
+    assert executions(client, job) == dict.fromkeys(range(2000), 1)
+    assert 0 < deepest <= 128
+    progress = job.progress()
+    assert (progress.state, progress.done, progress.pending, progress.sent) == ("finished", 2000, 0, 2000)
+
+
+def test_as_completed_reattach_and_async_agree(client: FarmClient) -> None:
+    job = client.submit_job(prompts("views", 40), max_new_tokens=3)
+    seen = dict(job.as_completed(timeout=60))
+    assert sorted(seen) == list(range(40))
+    in_order = [r.text for r in job.results(timeout=60)]
+    assert in_order == [seen[i].text for i in range(40)]
+
+    other = FarmClient(client.settings.redis_url).job(job.id)  # another client, as another process would
+    assert other.total == 40 and other.progress().state == "finished"
+    assert [r.text for r in other.results(timeout=60)] == in_order
+
+    async def collect() -> list[str]:
+        await other.wait_async(timeout=60)
+        return [r.text async for r in other.aresults()]
+
+    assert asyncio.run(collect()) == in_order
+
+
+def test_resubmitting_a_finished_job_runs_nothing_again(client: FarmClient) -> None:
+    rows = prompts("again", 30)
+    job_id = f"again-{uuid.uuid4().hex[:8]}"
+    first = [r.text for r in client.submit_job(rows, job_id, max_new_tokens=3).results(timeout=60)]
+    second = client.submit_job(rows, job_id, max_new_tokens=3)
+    assert [r.text for r in second.results(timeout=60)] == first
+    assert executions(client, second) == dict.fromkeys(range(30), 1)
+    with pytest.raises(RequestError, match="exists with other parameters"):
+        client.submit_job(rows, job_id, max_new_tokens=4)
+    with pytest.raises(RequestError, match="has 30 rows, not 29"):
+        client.submit_job(rows[:29], job_id, max_new_tokens=3)
+
+
+def test_failed_rows_are_recorded_and_retry_failed_reruns_only_them(client: FarmClient) -> None:
+    rows: list[object] = prompts("retry", 20)
+    rows[4] = "retry row 4 <<poison>>"  # the worker's fault injection fails this one
+    rows[7] = {"prompt": "retry row 7", "max_new_tokens": 0}  # invalid: recorded, never sent
+    rows[9] = {"prompt": "retry row 9", "max_new_tokens": 5}  # its own parameter wins
+    job = client.submit_job(rows, max_new_tokens=3)
+    results = list(job.results(timeout=60))
+    assert [i for i, r in enumerate(results) if not r.ok] == [4, 7]
+    assert results[4].finish_reason == "error" and "poisoned" in results[4].error["message"]  # type: ignore[index]
+    assert results[7].error == {"code": "invalid_request",
+                                "message": "row 7: max_new_tokens: must be between 1 and 1024, got 0"}
+    assert results[9].completion_tokens == 5
+    progress = job.progress()
+    assert (progress.done, progress.failed, progress.state) == (18, 2, "finished")
+
+    before = executions(client, job)
+    assert 7 not in before
+    assert job.retry_failed() == 1  # row 7 has no valid request to send again
+    again = list(job.results(timeout=60))
+    assert again[4].finish_reason == "error"
+    after = executions(client, job)
+    assert after[4] > before[4]
+    assert {i: n for i, n in after.items() if i != 4} == {i: n for i, n in before.items() if i != 4}
+
+
+def test_cancel_running_1000_row_job(client: FarmClient) -> None:
+    job = client.submit_job(prompts("cancel", 1000), max_new_tokens=16)
+    wait_until(lambda: job.progress().done >= 50, 60, "the job did not start")
+    job.cancel()
+    job.wait(timeout=30)  # queued rows revoked, running rows stopped, unsent rows never sent
+    ran = len(executions(client, job))
+    time.sleep(2)
+    assert len(executions(client, job)) == ran < 1000
+    results = list(job.results(timeout=30))
+    reasons = [r.finish_reason for r in results]
+    assert len(results) == 1000 and set(reasons) <= {"length", "cancelled"}
+    assert reasons.count("cancelled") >= 1000 - ran
+    progress = job.progress()
+    assert (progress.state, progress.cancelled, progress.pending) == ("cancelled", reasons.count("cancelled"), 0)
+    assert client.redis.llen(BULK_QUEUE) == 0
+
+
+def test_interactive_request_is_served_before_the_remaining_bulk_rows(client: FarmClient) -> None:
+    job = client.submit_job(prompts("busy", 800), max_new_tokens=16)
+    wait_until(lambda: job.progress().done >= 64, 60, "the job did not start")
+    submitted, pending_then = time.monotonic(), job.progress().pending
+    result = client.generate("an interactive question", max_new_tokens=16, timeout=60)
+    pending_when_served = job.progress().pending
+    job.wait(timeout=120)
+    remaining = time.monotonic() - submitted
+    assert result.ok
+    # It overtook the bulk rows queued before it: most of them finished after it did.
+    assert pending_when_served > pending_then * 0.6, (pending_then, pending_when_served)
+    assert result.queue_seconds < remaining / 4, (result.queue_seconds, remaining)
