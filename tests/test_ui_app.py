@@ -1,0 +1,273 @@
+"""The Gradio UI as users meet it: ``python -m ui.app`` subprocesses driven by ``gradio_client``
+and by a real Chromium (Playwright), against the test Redis and the shared tiny-model worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from gradio_client import Client
+
+from producer import FarmClient
+from protocol.names import INTERACTIVE_QUEUE, heartbeat_key
+from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+IDLE_DB = 11  # a db no worker serves; this module's own
+AUTH = ("tester", "s3cret")
+FLOWER_PORT = "5599"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DEFAULTS = {"as_chat": False, "new_tokens": 64, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
+            "seed_value": -1}
+
+
+@dataclass
+class UiApp:
+    url: str
+    redis_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    auth: tuple[str, str] | None = None
+
+    def client(self) -> Client:
+        return Client(self.url, auth=self.auth, verbose=False, download_files=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def launch_ui(name: str, redis_url: str, **settings: str) -> UiApp:
+    """``python -m ui.app`` on a free loopback port (started, not waited for)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_url, "FARM_FLOWER_PORT": FLOWER_PORT,
+           "GRADIO_ANALYTICS_ENABLED": "False", **{f"FARM_{k.upper()}": v for k, v in settings.items()}}
+    log_path = OUTPUT / "ui" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "ui.app", "--host", "127.0.0.1", "--port", str(port)],
+                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    auth = tuple(settings["ui_auth"].split(":", 1)) if "ui_auth" in settings else None
+    return UiApp(f"http://127.0.0.1:{port}", redis_url, process, log_path, auth)  # type: ignore[arg-type]
+
+
+def answers(app: UiApp) -> bool:
+    if app.process.poll() is not None:
+        raise AssertionError(f"the UI exited with {app.process.returncode}:\n{app.log()[-3000:]}")
+    try:
+        urllib.request.urlopen(app.url + "/config", timeout=2)
+    except urllib.error.HTTPError:
+        return True  # it answers (401 when a login is required)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict[str, UiApp]]:
+    """Three UIs started together (importing gradio takes seconds): on the worker's Redis, on a
+    db no worker serves (with a login and a queue limit of 3), and on a closed port."""
+    redis_server.client(IDLE_DB).flushdb()
+    started = {
+        "farm": launch_ui("farm", farm_worker.redis_url),
+        "idle": launch_ui("idle", redis_server.url(IDLE_DB), ui_auth=":".join(AUTH), ui_max_queue="3"),
+        "down": launch_ui("down", f"redis://127.0.0.1:{free_port()}/0"),
+    }
+    try:
+        for app in started.values():
+            wait_until(lambda app=app: answers(app), 90, f"the UI at {app.url} did not start")
+        yield started
+    finally:
+        for app in started.values():
+            stop_process(app.process)
+        redis_server.client(IDLE_DB).flushdb()
+
+
+def generate(app: UiApp, prompt: str, **params: object) -> object:
+    return app.client().submit(prompt, *{**DEFAULTS, **params}.values(), api_name="/generate")
+
+
+def test_generate_streams_partial_text_then_the_stored_result(apps: dict[str, UiApp]) -> None:
+    job = generate(apps["farm"], "Streaming through the UI", new_tokens=400)
+    status, text, request_id = job.result(timeout=120)  # type: ignore[attr-defined]
+    updates = job.outputs()  # type: ignore[attr-defined]
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
+    assert stored.ok and stored.completion_tokens == 400
+    assert text == stored.text
+    partials = [u[1] for u in updates[:-1] if u[1]]
+    assert len(set(partials)) >= 3, updates  # the text grew in several steps before the end
+    assert all(stored.text.startswith(p) for p in partials)
+    assert any("Running** on `cpu@test` in a batch of" in u[0] for u in updates)
+    assert status.startswith("**Done**: 400 tokens in ") and "tokens/s on `cpu@test`" in status
+
+
+def test_cancel_stops_a_running_request(apps: dict[str, UiApp]) -> None:
+    job = generate(apps["farm"], "A long story", new_tokens=1024)
+    wait_until(lambda: any(u[1] for u in job.outputs()), 60, "no partial text")  # type: ignore[attr-defined]
+    request_id = job.outputs()[-1][2]  # type: ignore[attr-defined]
+    status, text, _ = apps["farm"].client().predict(request_id, api_name="/cancel")
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
+    assert stored.finish_reason == "cancelled" and 0 < stored.completion_tokens < 1024
+    assert status == f"**Cancelled** after {stored.completion_tokens} tokens."
+    assert text == stored.text
+
+
+def test_closing_the_stream_cancels_the_request(apps: dict[str, UiApp]) -> None:
+    """A person who leaves (the Gradio event is cancelled) does not keep a batch slot."""
+    job = generate(apps["farm"], "Nobody is reading this", new_tokens=1024)
+    wait_until(lambda: any(u[1] for u in job.outputs()), 60, "no partial text")  # type: ignore[attr-defined]
+    request_id = job.outputs()[-1][2]  # type: ignore[attr-defined]
+    job.cancel()  # type: ignore[attr-defined]
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=60)
+    assert stored.finish_reason == "cancelled" and stored.completion_tokens < 1024
+
+
+@pytest.mark.parametrize(("app", "prompt", "message"), [
+    ("farm", "", "The prompt is empty: type a prompt, then press Enter or Submit."),
+    ("farm", "x" * 16001, "The prompt is too long: prompt: is 16001 characters, over the limit of 16000."),
+    ("idle", "hello", "No worker is online, so nothing would run this request. Start one with `./farm worker`"),
+    ("down", "hello", "The farm is unreachable: Redis at redis://127.0.0.1:"),
+])
+def test_refusals_say_why(apps: dict[str, UiApp], app: str, prompt: str, message: str) -> None:
+    status, text, request_id = generate(apps[app], prompt).result(timeout=60)  # type: ignore[attr-defined]
+    assert status.startswith(f"**Not sent.** {message}") and (text, request_id) == ("", "")
+
+
+def test_unreachable_redis_names_the_remedy(apps: dict[str, UiApp]) -> None:
+    status, _, _ = generate(apps["down"], "hello").result(timeout=60)  # type: ignore[attr-defined]
+    assert re.search(r"is unreachable \(.*Connection refused.*\); start the farm with `./farm up`", status)
+
+
+def fake_worker(db: redis.Redis) -> None:
+    """A heartbeat with nobody behind it: the UI believes a worker is online."""
+    record = {"name": "ghost@test", "ready": True, "adapters": ["base"], "waiting": 0, "updated_at": time.time()}
+    db.set(heartbeat_key("ghost@test"), json.dumps(record), ex=60)
+
+
+def test_full_queue_is_refused(apps: dict[str, UiApp], redis_server: RedisServer) -> None:
+    db = redis_server.client(IDLE_DB)
+    fake_worker(db)
+    db.lpush(INTERACTIVE_QUEUE, "a", "b", "c")  # FARM_UI_MAX_QUEUE=3 waiting, nobody consuming
+    try:
+        status, _, request_id = generate(apps["idle"], "hello").result(timeout=30)  # type: ignore[attr-defined]
+        assert status.startswith("**Not sent.** The farm's queue is full (3 requests waiting, limit 3")
+        assert request_id == ""
+        assert db.llen(INTERACTIVE_QUEUE) == 3
+    finally:
+        db.flushdb()
+
+
+def test_queued_request_shows_depth_and_cancels(apps: dict[str, UiApp], redis_server: RedisServer) -> None:
+    db = redis_server.client(IDLE_DB)
+    fake_worker(db)
+    db.lpush(INTERACTIVE_QUEUE, "someone-else")
+    try:
+        job = generate(apps["idle"], "waiting in line")
+        wait_until(lambda: job.outputs(), 30, "no status")  # type: ignore[attr-defined]
+        status, _, request_id = job.outputs()[0]  # type: ignore[attr-defined]
+        assert status == "**Queued**: 1 request ahead in the farm's queue."
+        status, _, _ = apps["idle"].client().predict(request_id, api_name="/cancel")
+        assert status == "**Cancelled** before it started: it will not run."
+        assert db.get(f"farm:cancel:{request_id}") == b"1"
+    finally:
+        db.flushdb()
+
+
+def test_login_is_required_when_configured(apps: dict[str, UiApp]) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(apps["idle"].url + "/config", timeout=5)
+    assert refused.value.code == 401
+    assert apps["idle"].client().view_api(print_info=False, return_format="dict")
+
+
+def test_farm_tab_shows_workers_batches_and_flower(apps: dict[str, UiApp]) -> None:
+    generate(apps["farm"], "for the chart", new_tokens=8).result(timeout=60)  # type: ignore[attr-defined]
+    summary, workers, sizes, _speed = apps["farm"].client().predict(api_name="/farm")
+    assert "**1 worker online**" in summary
+    assert f"(http://127.0.0.1:{FLOWER_PORT}/)" in summary
+    assert [row[0] for row in workers["data"]] == ["cpu@test"]
+    assert sizes["data"] and sizes["columns"] == ["time", "worker", "batch size", "tokens/s"]
+
+
+def test_sixteen_clients_at_once_are_batched(apps: dict[str, UiApp]) -> None:
+    clients = [apps["farm"].client() for _ in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        jobs = list(pool.map(lambda ic: ic[1].submit(f"Client {ic[0]} says", *{**DEFAULTS, "new_tokens": 24}.values(),
+                                                     api_name="/generate"), enumerate(clients)))
+        outputs = [job.result(timeout=120) for job in jobs]
+    farm = FarmClient(apps["farm"].redis_url)
+    results = [farm.handle(request_id).result(timeout=30) for _, _, request_id in outputs]
+    assert all(r.ok and r.completion_tokens == 24 for r in results)
+    assert [text for _, text, _ in outputs] == [r.text for r in results]
+    assert all(status.startswith("**Done**: 24 tokens") for status, _, _ in outputs)
+    sizes = [r.batch_size for r in results]
+    print(f"\n16 UI clients: batch sizes {sorted(sizes)}")
+    assert max(sizes) > 1
+
+
+def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    shots = OUTPUT / "ui"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1100})
+            page.goto(apps["farm"].url)
+            page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
+            page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
+            page.screenshot(path=str(shots / "refused.png"), full_page=True)
+            page.get_by_text("Parameters").click()
+            page.locator("#max-new-tokens input[type=number]").fill("1000")
+            page.locator("#max-new-tokens input[type=number]").press("Tab")
+            page.locator("#prompt textarea").fill("Once upon a time")
+            page.evaluate(RECORD_OUTPUT)
+            page.locator("#submit").click()
+            seen = watch_output(page)
+            page.screenshot(path=str(shots / "generate.png"), full_page=True)
+            request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
+            page.get_by_role("tab", name="Farm").click()
+            page.get_by_text("1 worker online").wait_for(timeout=15000)
+            page.screenshot(path=str(shots / "farm.png"), full_page=True)
+        finally:
+            browser.close()
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
+    assert stored.completion_tokens == 1000
+    assert seen[-1] == stored.text
+    growing = [text for text in seen[:-1] if text]
+    assert len(growing) >= 3, [len(t) for t in seen]  # partial text grew in the page before the final text
+    assert all(stored.text.startswith(text) for text in growing)
+
+
+RECORD_OUTPUT = """() => {
+    // Sample the output box inside the page: a round trip per sample from Python could miss a
+    // fast generation altogether on a busy machine.
+    window.seenOutputs = [];
+    const box = document.querySelector('#output textarea');
+    window.outputSampler = setInterval(() => {
+        const seen = window.seenOutputs;
+        if (seen.length === 0 || seen[seen.length - 1] !== box.value) seen.push(box.value);
+    }, 5);
+}"""
+
+
+def watch_output(page: Any) -> list[str]:
+    """Distinct contents of the output box until the status says Done (the last is final)."""
+    page.get_by_text("Done:").wait_for(timeout=90000)
+    time.sleep(0.1)
+    return list(page.evaluate("() => { clearInterval(window.outputSampler); return window.seenOutputs; }"))

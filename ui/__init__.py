@@ -1,0 +1,1 @@
+"""The Gradio UI: thin callbacks over ``producer.FarmClient`` (never imports torch)."""

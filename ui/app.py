@@ -1,0 +1,181 @@
+"""The farm's Gradio UI: Generate (queued, streamed, cancellable), Bulk jobs, Farm status.
+
+``python -m ui.app`` or ``farm ui``. Every callback is a thin wrapper over ``producer``: the
+model runs in the workers, this process only enqueues and waits on Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from producer.client import FarmClient
+from protocol.errors import FarmError, SettingsError
+from protocol.settings import FarmSettings
+from ui import bulk, farm, status
+from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, request_data
+
+log = logging.getLogger(__name__)
+
+FARM_REFRESH_SECONDS = 2.0
+GenerateOutputs = tuple[str, str, str]
+
+
+def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
+    """The UI for one farm; ``settings`` give the limits, the queue size and Flower's port."""
+    with gr.Blocks(title="batchfarm", analytics_enabled=False) as demo:
+        gr.Markdown("## batchfarm\nGeneration requests are queued in Redis and batched by the workers.")
+        with gr.Tab("Generate") as generate_tab:
+            adapter = _generate_tab(client, settings)
+        with gr.Tab("Bulk") as bulk_tab:
+            bulk.build_tab(client, settings)
+        with gr.Tab("Farm") as farm_tab:
+            timer, farm_outputs = _farm_tab(client, settings)
+        # Poll the farm only while its tab is open: every open page would otherwise hit Redis.
+        farm_tab.select(lambda: gr.Timer(active=True), outputs=timer, api_visibility="private")
+        for tab in (generate_tab, bulk_tab):
+            tab.select(lambda: gr.Timer(active=False), outputs=timer, api_visibility="private")
+        demo.load(lambda: _adapter_choices(client), outputs=adapter, api_visibility="private")
+        demo.load(_farm_refresher(client, settings), outputs=farm_outputs, api_visibility="private")
+    # Each Generate callback spends its life waiting on Redis while the workers batch; a low
+    # concurrency limit (Gradio's default is 1) would feed the farm one request at a time and
+    # make every batch a batch of one. So as many run at once as the farm may queue
+    # (FARM_UI_MAX_QUEUE, checked against Redis before enqueueing); only beyond that do events
+    # wait in Gradio's own queue, which holds as many again before it says it is full.
+    demo.queue(default_concurrency_limit=settings.ui_max_queue, max_size=settings.ui_max_queue)
+    return demo
+
+
+def _generate_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
+    # One line that grows: Gradio submits on Enter only in a one-line box (Shift+Enter adds a line).
+    prompt = gr.Textbox(label="Prompt", lines=1, max_lines=12, autofocus=True, elem_id="prompt",
+                        placeholder=f"Type a prompt (up to {settings.max_prompt_chars} characters); "
+                                    "Enter submits, Shift+Enter starts a new line.")
+    with gr.Row():
+        submit = gr.Button("Submit", variant="primary", elem_id="submit")
+        stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+    with gr.Accordion("Parameters", open=False):
+        chat = gr.Checkbox(False, label="Chat: send as a user message (the worker applies its chat template)")
+        with gr.Row():
+            max_new = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
+                                settings.max_new_tokens), step=1, label="Max new tokens",
+                                elem_id="max-new-tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+        with gr.Row():
+            adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE,
+                                  label="Adapter (LoRA)", visible=False)
+            seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1)
+    line = gr.Markdown("Ready.", elem_id="status")
+    output = gr.Textbox(label="Output", lines=10, interactive=False, elem_id="output")
+    request_id = gr.Textbox(label="Request id", interactive=False, elem_id="request-id", max_lines=1)
+
+    def on_generate(text: str, as_chat: bool, new_tokens: float, temp: float, p: float,
+                    adapter_name: str | None, seed_value: float | None) -> Iterator[GenerateOutputs]:
+        params = {"max_new_tokens": new_tokens, "temperature": temp, "top_p": p,
+                  "adapter": adapter_name, "seed": seed_value}
+        yield from _stream(client, request_data(text, as_chat, params))
+
+    event = gr.on([submit.click, prompt.submit], on_generate,
+                  inputs=[prompt, chat, max_new, temperature, top_p, adapter, seed],
+                  outputs=[line, output, request_id], api_name="generate", show_progress="minimal")
+    stop.click(lambda rid: _outputs(cancel(client, rid)), inputs=request_id,
+               outputs=[line, output, request_id], cancels=[event], api_name="cancel")
+    return adapter
+
+
+def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutputs]:
+    """Updates of one request. A refusal is the status line plus a warning toast, not a
+    ``gr.Error``: an error would stamp "Error" over the very line that says why."""
+    try:
+        for update in generate(client, data):
+            yield _outputs(update)
+    except FarmError as error:
+        message = status.refused(error)
+        log.info("generate refused: %s", error.message)
+        gr.Warning(message)
+        yield f"**Not sent.** {message}", "", ""
+
+
+def _outputs(update: Update) -> GenerateOutputs:
+    return update.status, update.text, update.request_id
+
+
+def _adapter_choices(client: FarmClient) -> gr.Dropdown:
+    """The adapters the online workers offer; the dropdown shows only when there is a choice."""
+    try:
+        offered = list(client.limits().adapters or ())
+    except FarmError:
+        offered = []
+    return gr.Dropdown([DEFAULT_ADAPTER_CHOICE, *offered], value=DEFAULT_ADAPTER_CHOICE,
+                       visible=len(offered) > 1)
+
+
+def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, list[Any]]:
+    summary = gr.Markdown("Loading…", elem_id="farm-summary")
+    workers = gr.Dataframe(headers=farm.WORKER_COLUMNS, interactive=False, label="Workers online")
+    with gr.Row():
+        sizes = gr.BarPlot(x="time", y="batch size", color="worker", title="Recent batch sizes",
+                           y_title="requests in the batch", height=280)
+        speed = gr.LinePlot(x="time", y="tokens/s", color="worker", title="Throughput of recent batches",
+                            y_title="tokens/s", height=280)
+    outputs: list[Any] = [summary, workers, sizes, speed]
+    timer = gr.Timer(FARM_REFRESH_SECONDS, active=False)
+    timer.tick(_farm_refresher(client, settings), outputs=outputs, show_progress="hidden",
+               api_name="farm", concurrency_limit=8)
+    return timer, outputs
+
+
+def _farm_refresher(client: FarmClient, settings: FarmSettings) -> Any:
+    def refresh(request: gr.Request) -> tuple[str, Any, Any, Any]:
+        host = request.headers.get("host") if request is not None else None
+        view = farm.farm_view(client, farm.flower_url(settings, host))
+        return view.summary, view.workers, view.batches, view.batches
+
+    return refresh
+
+
+def parse_auth(value: str) -> tuple[str, str] | None:
+    """``FARM_UI_AUTH=user:pass`` as Gradio's ``auth``; empty means no login."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SettingsError("FARM_UI_AUTH must be user:pass")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="farm ui", description="Start the farm's Gradio UI.")
+    parser.add_argument("--host", help="bind address (FARM_UI_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (FARM_UI_PORT, default 7860)")
+    parser.add_argument("--redis-url", help="the farm's Redis (FARM_REDIS_URL)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"ui_host": args.host, "ui_port": args.port,
+                                   "redis_url": args.redis_url}.items() if v is not None}
+    try:
+        settings = FarmSettings.from_env(**overrides)
+        auth = parse_auth(settings.ui_auth)
+    except SettingsError as error:
+        print(f"farm ui: {error}", file=sys.stderr)
+        return 2
+    if auth is None and settings.ui_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the UI binds %s without FARM_UI_AUTH: anyone who reaches it can use the farm",
+                    settings.ui_host)
+    demo = build_app(FarmClient(settings=settings), settings)
+    log.info("UI for the farm at %s on http://%s:%d", settings.redacted_redis_url(), settings.ui_host,
+             settings.ui_port)
+    # Threads carry the callbacks' Redis waits; one per concurrent event plus room for the rest.
+    demo.launch(server_name=settings.ui_host, server_port=settings.ui_port, auth=auth,
+                max_threads=settings.ui_max_queue + 40, ssr_mode=False, show_error=True, quiet=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The Farm tab's data: workers from their heartbeats, queue depths, recent batches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from producer.client import FarmClient
+from protocol.errors import FarmError
+from protocol.settings import FarmSettings
+
+WORKER_COLUMNS = ["worker", "device", "model", "quant", "adapters", "running", "waiting", "batches",
+                  "mean batch", "tokens/s", "beat (s ago)"]
+BATCH_COLUMNS = ["time", "worker", "batch size", "tokens/s"]
+
+
+@dataclass
+class FarmView:
+    summary: str
+    workers: pd.DataFrame
+    batches: pd.DataFrame
+
+
+def farm_view(client: FarmClient, flower: str) -> FarmView:
+    """What the Farm tab shows now; an unreachable Redis is a message, not an exception."""
+    try:
+        workers, depths = client.workers(), client.queue_depths()
+    except FarmError as error:
+        return FarmView(f"**Farm unreachable**: {error.message}\n\n{flower_link(flower)}", _frame([], WORKER_COLUMNS),
+                        _frame([], BATCH_COLUMNS))
+    return FarmView(summary(workers, depths, flower), workers_frame(workers), batches_frame(workers))
+
+
+def summary(workers: list[dict[str, Any]], depths: dict[str, int], flower: str) -> str:
+    online = f"**{len(workers)} worker{'s' if len(workers) != 1 else ''} online**" if workers else (
+        "**No worker online**: start one with `./farm worker` or `./farm up`.")
+    queues = ", ".join(f"{name}: {n}" for name, n in depths.items())
+    rate = sum(float(w.get("tokens_per_second", 0.0)) for w in workers)
+    return f"{online} · queued: {queues} · {rate:.1f} tokens/s over the last minute · {flower_link(flower)}"
+
+
+def flower_link(url: str) -> str:
+    return f"[Open Flower (tasks, workers)]({url})"
+
+
+def flower_url(settings: FarmSettings, host_header: str | None) -> str:
+    """Flower on the host the browser used to reach the UI (loopback when unknown)."""
+    host = (host_header or "").rsplit(":", 1)[0] or settings.ui_host
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{settings.flower_port}/"
+
+
+def workers_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per worker; tokens/s is over the last minute."""
+    now = time.time()
+    rows = [[w.get("name", "?"), w.get("device", ""), _short(str(w.get("model", ""))), w.get("quant", ""),
+             ", ".join(w.get("adapters", [])), w.get("running", 0), w.get("waiting", 0),
+             w.get("batches", 0), round(float(w.get("mean_batch_size", 0.0)), 2),
+             round(float(w.get("tokens_per_second", 0.0)), 1),
+             round(max(0.0, now - float(w.get("updated_at", now))), 1)] for w in workers]
+    return _frame(rows, WORKER_COLUMNS)
+
+
+def batches_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per recent batch of every worker: when, its size and its speed."""
+    rows = [[pd.Timestamp(b["at"], unit="s"), w.get("name", "?"), int(b["size"]),
+             round(b["tokens"] / b["seconds"], 1) if b.get("seconds") else 0.0]
+            for w in workers for b in w.get("recent_batches", [])]
+    return _frame(sorted(rows, key=lambda r: r[0]), BATCH_COLUMNS)
+
+
+def _short(model: str) -> str:
+    """A model's last path part: ``meta-llama/Llama-2-7b-hf`` or a local directory's name."""
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _frame(rows: list[list[Any]], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=columns)

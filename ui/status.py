@@ -1,0 +1,65 @@
+"""What the UI tells a person about a request: one line of Markdown per state.
+
+Words, not emoji: a browser without an emoji font (servers, minimal desktops) shows boxes.
+
+Pure functions of plain values, so they are tested without Gradio, Redis or a worker.
+"""
+
+from __future__ import annotations
+
+from protocol.errors import ErrorCode, FarmError
+from protocol.schema import GenerationResult
+
+
+def queued(ahead: int, workers_online: int) -> str:
+    if workers_online == 0:
+        return "**Queued**, but no worker is online right now: it runs as soon as one starts."
+    noun = "request" if ahead == 1 else "requests"
+    return f"**Queued**: {ahead} {noun} ahead in the farm's queue."
+
+
+def running(worker: str | None, batch_size: int | None) -> str:
+    where = f"on `{worker}`" if worker else "on a worker"
+    batch = f" in a batch of {batch_size}" if batch_size else ""
+    return f"**Running** {where}{batch}…"
+
+
+def finished(result: GenerationResult) -> str:
+    """The final line: done with token count and speed, cancelled, or failed with the reason."""
+    if result.finish_reason == "cancelled":
+        return f"**Cancelled** after {result.completion_tokens} tokens."
+    if not result.ok:
+        error = result.error or {}
+        return f"**Failed**: {error.get('message') or error.get('code') or 'unknown error'}"
+    where = f" on `{result.worker}`" if result.worker else ""
+    batch = f" (batch of {result.batch_size})" if result.batch_size else ""
+    return (f"**Done**: {result.completion_tokens} tokens in {result.generate_seconds:.2f} s, "
+            f"{result.tokens_per_second:.1f} tokens/s{where}{batch}; finish reason: {result.finish_reason}.")
+
+
+def cancelled_while_queued() -> str:
+    return "**Cancelled** before it started: it will not run."
+
+
+def refused(error: FarmError) -> str:
+    """Why a request was not sent, in words a person can act on."""
+    code, message = error.code, error.message
+    if code == ErrorCode.INVALID_REQUEST and message.endswith("is empty"):
+        return "The prompt is empty: type a prompt, then press Enter or Submit."
+    if code == ErrorCode.PROMPT_TOO_LONG:
+        return f"The prompt is too long: {message}."
+    if code == ErrorCode.REDIS_UNREACHABLE:
+        return f"The farm is unreachable: {message}."
+    if code in (ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL):
+        return message
+    return f"Not sent: {message}."
+
+
+def no_worker() -> str:
+    return ("No worker is online, so nothing would run this request. Start one with "
+            "`./farm worker` (or the whole farm with `./farm up`), then try again.")
+
+
+def queue_full(depth: int, limit: int) -> str:
+    return (f"The farm's queue is full ({depth} requests waiting, limit {limit}, FARM_UI_MAX_QUEUE): "
+            "try again in a moment.")
