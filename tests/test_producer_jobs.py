@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from producer import FarmClient, Job
 from protocol.errors import RequestError
 from protocol.names import BULK_QUEUE, executions_key
-from tests.conftest import wait_until
+from tests.conftest import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +139,33 @@ def test_interactive_request_is_served_before_the_remaining_bulk_rows(client: Fa
     # It overtook the bulk rows queued before it: most of them finished after it did.
     assert pending_when_served > pending_then * 0.6, (pending_then, pending_when_served)
     assert result.queue_seconds < remaining / 4, (result.queue_seconds, remaining)
+
+
+@pytest.fixture()
+def idle_client(redis_server: RedisServer) -> Iterator[FarmClient]:
+    """A farm without workers (its own Redis db): messages stay in the queue, where a test can
+    count them."""
+    redis_server.client(5).flushdb()
+    yield FarmClient(redis_server.url(5))
+    redis_server.client(5).flushdb()
+
+
+def queued_ids(client: FarmClient) -> list[str]:
+    return sorted(json.loads(raw)["headers"]["id"] for raw in client.redis.lrange(BULK_QUEUE, 0, -1))
+
+
+def test_a_producer_killed_in_the_middle_of_a_chunk_sends_no_row_twice(idle_client: FarmClient) -> None:
+    rows = prompts("settle", 10)
+    first = idle_client.submit_job(rows, "settle", window=4, max_new_tokens=2)
+    wait_until(lambda: first.progress().sent == 4, 10, "the window was not filled")
+    first.close()
+    assert queued_ids(idle_client) == [f"settle:{i}" for i in range(4)]
+    # What a producer killed between enqueueing a chunk and recording it leaves behind: rows 4
+    # and 5 marked as being sent, and only row 4's message in the queue.
+    idle_client.redis.sadd("farm:job:settle:sending", 4, 5)
+    idle_client.send(idle_client.validate("settle row 4", max_new_tokens=2), queue=BULK_QUEUE,
+                     request_id="settle:4")
+    again = idle_client.submit_job(rows, "settle", window=7, max_new_tokens=2)
+    wait_until(lambda: again.progress().sent == 7, 10, "the window was not filled")
+    again.close()
+    assert queued_ids(idle_client) == [f"settle:{i}" for i in range(7)]
