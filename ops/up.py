@@ -104,7 +104,7 @@ def worker_specs(plans: list[WorkerPlan], env: dict[str, str], metrics_port: int
     """One pinned worker process per plan, each with its own name and metrics port."""
     specs = []
     for index, plan in enumerate(plans):
-        name = env.get("FARM_WORKER_NAME") if len(plans) == 1 and env.get("FARM_WORKER_NAME") else plan.name
+        name = (env.get("FARM_WORKER_NAME") if len(plans) == 1 else None) or plan.name
         child_env = {**env, **plan.env, "FARM_WORKER_NAME": name,
                      "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)}
         cmd = [sys.executable, "-m", "worker.main", "--device", plan.device, "--in-process", "--loglevel", loglevel]
@@ -181,6 +181,7 @@ class Farm:
         self.supervisor = Supervisor(output)
         self.stopping = threading.Event()
         self.env = dict(os.environ)
+        self.plans: list[WorkerPlan] = []
         self.workers: list[ChildSpec] = []
 
     def say(self, text: str) -> None:
@@ -231,12 +232,22 @@ class Farm:
             time.sleep(0.1)
         self.say(f"Redis started with its data in {data}")
 
+    def preflight(self) -> None:
+        """Everything that can be refused before a minute is spent building a model."""
+        check_auth(self.opts.host, self.settings.flower_auth)
+        self.plans = plan_gpus(self.opts.gpus, count_gpus() if self.opts.gpus != "none" else 0)
+        self.workers = worker_specs(self.plans, self.env, self.opts.metrics_port, self.opts.loglevel)
+        ports = [("Flower", self.opts.host, self.opts.flower_port, "--flower-port")]
+        if self.opts.ui:
+            ports.append(("UI", self.opts.host, self.opts.ui_port, "--ui-port"))
+        ports += [(f"metrics of {s.name}", self.settings.metrics_host, int(s.env["FARM_METRICS_PORT"]),
+                   "--metrics-port") for s in self.workers if s.env["FARM_METRICS_PORT"] != "0"]
+        check_ports_free(ports)
+
     def start_services(self) -> bool:
         """Workers, Flower and (if present and wanted) the UI; returns whether the UI started."""
-        check_auth(self.opts.host, self.settings.flower_auth)
         self.env["FARM_REDIS_URL"] = self.settings.redis_url
-        plans = plan_gpus(self.opts.gpus, count_gpus() if self.opts.gpus != "none" else 0)
-        self.workers = worker_specs(plans, self.env, self.opts.metrics_port, self.opts.loglevel)
+        self.workers = worker_specs(self.plans, self.env, self.opts.metrics_port, self.opts.loglevel)
         for spec in self.workers:
             self.supervisor.start(spec)
         self.supervisor.start(flower_spec(self.env, self.opts.host, self.opts.flower_port))
@@ -274,6 +285,17 @@ class Farm:
         self.say("stopped")
 
 
+def check_ports_free(ports: list[tuple[str, str, int, str]]) -> None:
+    """Refuse at once, naming the option, if a port a child would listen on is taken."""
+    for label, host, port, option in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                raise FarmUpError(f"{label} cannot listen on {host}:{port} ({error.strerror}); "
+                                  f"choose another port with {option}") from None
+
+
 def _redis_answers(url: str) -> bool:
     """True if Redis answers; a wrong password is an error, not a reason to start another one."""
     try:
@@ -303,6 +325,7 @@ def run(opts: UpOptions, settings: FarmSettings, output: Output) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        farm.preflight()
         farm.prepare_model()
         if farm.stopping.is_set():
             return 0
