@@ -271,3 +271,14 @@ def test_a_taken_port_is_refused_naming_the_option() -> None:
     assert out.returncode == 1
     assert f"Flower cannot listen on 127.0.0.1:{port}" in out.stdout and "--flower-port" in out.stdout
     assert "started" not in out.stdout
+
+
+def test_status_says_in_one_line_when_redis_is_unreachable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update({"PYTHONPATH": str(ROOT), "FARM_REDIS_URL": f"redis://:hidden@127.0.0.1:{free_port()}/0"})
+    out = subprocess.run([sys.executable, "-m", "ops.cli", "status"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("farm status: Redis at redis://:***@127.0.0.1:"), out.stderr
+    assert "unreachable" in lines[0] and "hidden" not in lines[0]
