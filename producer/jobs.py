@@ -295,6 +295,8 @@ class Job:
         self._error: BaseException | None = None
         self._sender_app: Celery | None = None
         self._refreshed = 0.0
+        self._created = time.time()
+        self._measuring = False
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -305,6 +307,8 @@ class Job:
                total: int | None = None, window: int | None = None, fingerprint: str | None = None,
                **params: Any) -> Job:
         """Start (or resume) a job; returns once its rows are being sent in the background."""
+        if window is not None and window < 1:
+            raise RequestError.for_field("window", f"must be at least 1, got {window}")
         limits = client.limits()
         _check_params(params, limits)
         if total is None and isinstance(prompts, Sized):
@@ -452,6 +456,7 @@ class Job:
             self._check_same(info, *create)
         total = int(info["total"])
         self.params = json.loads(info["params"])
+        self._created = float(info.get("created") or time.time())
         self._cancelled = info.get("state") == "cancelled"
         with self._cond:
             self.book = book_from_bitmaps(total if total >= 0 else None, *bitmaps)
@@ -697,7 +702,9 @@ class Job:
             for index, result in finished:
                 self.book.finish(index, outcome(result))
                 self._remember(index, result)
-            self._meter.add(time.monotonic(), len(finished), sum(r.completion_tokens for _, r in finished))
+            if self._measuring:  # a first look finds rows that finished unwatched: not a rate
+                self._meter.add(time.monotonic(), len(finished), sum(r.completion_tokens for _, r in finished))
+            self._measuring = True
             if finished:
                 self._cond.notify_all()
         return bool(finished)
@@ -883,6 +890,9 @@ class Job:
     def _progress(self) -> JobProgress:
         book = self.book
         rows_rate, tokens_rate = self._meter.rates(time.monotonic())
+        if not self._meter.samples and not book.finished and not self._cancelled:
+            # Followed from another process and never watched over time: the average so far.
+            rows_rate = (book.sent - len(book.outstanding)) / max(time.time() - self._created, 1e-3)
         pending = book.counts[PENDING]
         eta = pending / rows_rate if rows_rate > 0 and book.total is not None else None
         state = "cancelled" if self._cancelled else "finished" if book.finished else "running"

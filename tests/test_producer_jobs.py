@@ -83,6 +83,10 @@ def test_resubmitting_a_finished_job_runs_nothing_again(client: FarmClient) -> N
         client.submit_job(rows, job_id, max_new_tokens=4)
     with pytest.raises(RequestError, match="has 30 rows, not 29"):
         client.submit_job(rows[:29], job_id, max_new_tokens=3)
+    with pytest.raises(RequestError, match="window: must be at least 1, got 0"):
+        client.submit_job(rows, window=0)
+    with pytest.raises(RequestError, match="prompt: give prompts as the rows of the job"):
+        client.submit_job(rows, prompt="x")
 
 
 def test_failed_rows_are_recorded_and_retry_failed_reruns_only_them(client: FarmClient) -> None:
