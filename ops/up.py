@@ -196,7 +196,8 @@ class Farm:
             return
         size = self.opts.model_size
         path = default_model_path() if size == "demo" else str(project_root() / ".farm" / "models" / size)
-        self.say(f"model: embedded {size} model at {path} (built on first use; the demo takes ~2 min)")
+        self.say(f"model: embedded {size} model at {path} (built on first use"
+                 f"{'; the demo trains for about 2 min' if size == 'demo' else ''})")
         self._run_to_end(ChildSpec("model", [sys.executable, "-m", "ops.make_model", path, "--size", size],
                                    self.env))
         self.env["FARM_MODEL"] = path
@@ -261,19 +262,30 @@ class Farm:
     def wait_ready(self) -> bool:
         """Until every worker's heartbeat says its model is loaded (or a stop is asked)."""
         client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
-        names = [spec.name for spec in self.workers]
         deadline = time.monotonic() + self.opts.ready_timeout
         while not self.stopping.wait(0.25):
             self.supervisor.poll()
-            records = [_heartbeat(client, name) for name in names]
-            if all(r is not None and r.get("ready") for r in records):
-                models = sorted({str(r.get("model")) for r in records if r})
-                self.say(f"ready: {len(names)} worker(s) serving {', '.join(models)}; Ctrl-C stops the farm")
+            records = self._ready_records(client)
+            if records is not None:
+                models = sorted({str(r.get("model")) for r in records})
+                self.say(f"ready: {len(records)} worker(s) serving {', '.join(models)}; Ctrl-C stops the farm")
                 return True
             if time.monotonic() > deadline:
                 self.say(f"workers not ready after {self.opts.ready_timeout:.0f}s; still waiting")
                 deadline = float("inf")
         return False
+
+    def _ready_records(self, client: redis.Redis) -> list[dict[str, Any]] | None:
+        """Heartbeats of all our workers once each says ready, else None. The pid must be our
+        child's: a record left by an earlier run under the same name does not count."""
+        records = []
+        for child in self.supervisor.children:
+            if child.name in {spec.name for spec in self.workers}:
+                record = _heartbeat(client, child.name)
+                if record is None or not record.get("ready") or record.get("pid") != child.pid:
+                    return None
+                records.append(record)
+        return records
 
     def supervise(self) -> None:
         while not self.stopping.wait(0.5):
