@@ -242,8 +242,9 @@ def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> No
             page.screenshot(path=str(shots / "generate.png"), full_page=True)
             request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
             page.get_by_role("tab", name="Farm").click()
-            page.get_by_text("1 worker online").wait_for(timeout=15000)
+            page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
             page.screenshot(path=str(shots / "farm.png"), full_page=True)
+            run_bulk_job_in_page(page, shots)
         finally:
             browser.close()
     stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
@@ -252,6 +253,19 @@ def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> No
     growing = [text for text in seen[:-1] if text]
     assert len(growing) >= 3, [len(t) for t in seen]  # partial text grew in the page before the final text
     assert all(stored.text.startswith(text) for text in growing)
+
+
+def run_bulk_job_in_page(page: Any, shots: Path) -> None:
+    """Upload a text file of prompts, start the job, see it finish with a results file."""
+    prompts = shots / "browser-prompts.txt"
+    prompts.write_text("".join(f"Bulk prompt {i}\n" for i in range(5)))
+    page.get_by_role("tab", name="Bulk").click()
+    page.locator("#bulk-file input[type=file]").set_input_files(str(prompts))
+    page.get_by_text("browser-prompts.txt").first.wait_for(timeout=15000)
+    page.locator("#start-job").click()
+    page.get_by_text("finished, 5/5 rows (5 done").wait_for(timeout=60000)
+    page.locator("#job-results").get_by_text(".jsonl").first.wait_for(timeout=15000)
+    page.screenshot(path=str(shots / "bulk.png"), full_page=True)
 
 
 RECORD_OUTPUT = """() => {
@@ -271,3 +285,63 @@ def watch_output(page: Any) -> list[str]:
     page.get_by_text("Done:").wait_for(timeout=90000)
     time.sleep(0.1)
     return list(page.evaluate("() => { clearInterval(window.outputSampler); return window.seenOutputs; }"))
+
+
+def bulk_client(app: UiApp, downloads: Path) -> Client:
+    return Client(app.url, auth=app.auth, verbose=False, download_files=str(downloads))
+
+
+def test_bulk_job_runs_an_upload_and_offers_results_in_order(apps: dict[str, UiApp], tmp_path: Path) -> None:
+    from gradio_client import handle_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ["The list type", {"prompt": "Hello", "max_new_tokens": 4}, "x = 1", "def f():", "Numbers", "Exceptions"]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ui = bulk_client(apps["farm"], tmp_path / "downloads")
+    job_id, shown = ui.predict(handle_file(str(prompts)), "prompt", "", 12, 0.0, 1.0, "(farm default)",
+                               api_name="/start_job")
+    assert job_id.startswith("j") and "<progress" in shown
+    final_id, shown, results_file = ui.predict(job_id, api_name="/follow_job")
+    assert final_id == job_id and f"job {job_id}: finished, 6/6 rows (6 done" in shown
+    lines = [json.loads(line) for line in Path(results_file).read_text().splitlines()]
+    stored = list(FarmClient(apps["farm"].redis_url).job(job_id).results(timeout=30))
+    assert [line["index"] for line in lines] == list(range(6))
+    assert [line["text"] for line in lines] == [r.text for r in stored]
+    assert [line["completion_tokens"] for line in lines] == [12, 4, 12, 12, 12, 12]
+
+
+def test_bulk_tab_reattaches_to_a_job_by_id(apps: dict[str, UiApp], tmp_path: Path) -> None:
+    farm = FarmClient(apps["farm"].redis_url)
+    with farm.submit_job(["one", "two", "three"], "ui-attach-1", max_new_tokens=4) as job:
+        job.wait(timeout=60)
+    _, shown, results_file = bulk_client(apps["farm"], tmp_path).predict("ui-attach-1", api_name="/follow_job")
+    assert "job ui-attach-1: finished, 3/3 rows (3 done" in shown
+    assert len(Path(results_file).read_text().splitlines()) == 3
+    _, shown, results_file = apps["farm"].client().predict("no-such-job", api_name="/follow_job")
+    assert "no job &#x27;no-such-job&#x27; in Redis" in shown and results_file is None
+
+
+def test_bulk_refuses_a_bad_file_naming_the_line(apps: dict[str, UiApp], tmp_path: Path) -> None:
+    from gradio_client import handle_file
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n{"prompt": "x", "beams": 4}\n')
+    job_id, shown = apps["farm"].client().predict(handle_file(str(bad)), "prompt", "", 8, 0.0, 1.0,
+                                                  "(farm default)", api_name="/start_job")
+    assert job_id == ""
+    assert "The prompt file is invalid: bad.jsonl line 2: beams: unknown parameter" in shown
+
+
+def test_bulk_job_can_be_cancelled(apps: dict[str, UiApp], tmp_path: Path) -> None:
+    from gradio_client import handle_file
+
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(40)))
+    ui = bulk_client(apps["farm"], tmp_path / "downloads")
+    job_id, _ = ui.predict(handle_file(str(prompts)), "prompt", "ui-cancel-1", 1000, 0.0, 1.0, "(farm default)",
+                           api_name="/start_job")
+    shown = ui.predict(job_id, api_name="/cancel_job")
+    assert f"job {job_id}: cancelled" in shown
+    _, shown, results_file = ui.predict(job_id, api_name="/follow_job")
+    lines = [json.loads(line) for line in Path(results_file).read_text().splitlines()]
+    assert len(lines) == 40 and sum(line["finish_reason"] == "cancelled" for line in lines) > 30

@@ -33,15 +33,21 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
         with gr.Tab("Generate") as generate_tab:
             adapter = _generate_tab(client, settings)
         with gr.Tab("Bulk") as bulk_tab:
-            bulk.build_tab(client, settings)
+            bulk_adapter = bulk.build_tab(client, settings)
         with gr.Tab("Farm") as farm_tab:
             timer, farm_outputs = _farm_tab(client, settings)
         # Poll the farm only while its tab is open: every open page would otherwise hit Redis.
-        farm_tab.select(lambda: gr.Timer(active=True), outputs=timer, api_visibility="private")
+        refresh = _farm_refresher(client, settings)
+
+        def on_farm_tab(request: gr.Request) -> tuple[Any, ...]:
+            return gr.Timer(active=True), *refresh(request)
+
+        farm_tab.select(on_farm_tab, outputs=[timer, *farm_outputs], api_visibility="private",
+                        show_progress="hidden")
         for tab in (generate_tab, bulk_tab):
             tab.select(lambda: gr.Timer(active=False), outputs=timer, api_visibility="private")
-        demo.load(lambda: _adapter_choices(client), outputs=adapter, api_visibility="private")
-        demo.load(_farm_refresher(client, settings), outputs=farm_outputs, api_visibility="private")
+        demo.load(lambda: (_adapter_choices(client),) * 2, outputs=[adapter, bulk_adapter], api_visibility="private")
+        demo.load(refresh, outputs=farm_outputs, api_visibility="private", show_progress="hidden")
     # Each Generate callback spends its life waiting on Redis while the workers batch; a low
     # concurrency limit (Gradio's default is 1) would feed the farm one request at a time and
     # make every batch a batch of one. So as many run at once as the farm may queue

@@ -12,8 +12,8 @@ from producer.client import FarmClient
 from protocol.errors import FarmError
 from protocol.settings import FarmSettings
 
-WORKER_COLUMNS = ["worker", "device", "model", "quant", "adapters", "running", "waiting", "batches",
-                  "mean batch", "tokens/s", "beat (s ago)"]
+WORKER_COLUMNS = ["worker", "device", "model", "adapters", "running", "waiting", "batches", "mean batch",
+                  "tokens/s", "beat (s ago)"]
 BATCH_COLUMNS = ["time", "worker", "batch size", "tokens/s"]
 
 
@@ -57,7 +57,7 @@ def flower_url(settings: FarmSettings, host_header: str | None) -> str:
 def workers_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per worker; tokens/s is over the last minute."""
     now = time.time()
-    rows = [[w.get("name", "?"), w.get("device", ""), _short(str(w.get("model", ""))), w.get("quant", ""),
+    rows = [[w.get("name", "?"), w.get("device", ""), _model(w),
              ", ".join(w.get("adapters", [])), w.get("running", 0), w.get("waiting", 0),
              w.get("batches", 0), round(float(w.get("mean_batch_size", 0.0)), 2),
              round(float(w.get("tokens_per_second", 0.0)), 1),
@@ -73,9 +73,12 @@ def batches_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
     return _frame(sorted(rows, key=lambda r: r[0]), BATCH_COLUMNS)
 
 
-def _short(model: str) -> str:
-    """A model's last path part: ``meta-llama/Llama-2-7b-hf`` or a local directory's name."""
-    return model.rstrip("/").rsplit("/", 1)[-1]
+def _model(worker: dict[str, Any]) -> str:
+    """The model's last path part (``Llama-2-7b-hf``, a local directory's name) and its
+    quantization, short enough for the table to fit."""
+    name = str(worker.get("model", "")).rstrip("/").rsplit("/", 1)[-1]
+    quant = worker.get("quant") or "none"
+    return name if quant == "none" else f"{name} ({quant})"
 
 
 def _frame(rows: list[list[Any]], columns: list[str]) -> pd.DataFrame:
