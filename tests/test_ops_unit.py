@@ -205,3 +205,15 @@ def test_dashboard_and_readme_name_only_metrics_the_worker_exports() -> None:
     assert not missing, missing
     exprs = [t["expr"] for panel in json.loads(dashboard)["panels"] for t in panel["targets"]]
     assert exprs and all(e.count("(") == e.count(")") and e.count("{") == e.count("}") for e in exprs)
+
+
+def test_printed_urls_hide_passwords(tmp_path: Path) -> None:
+    from ops.up import UpOptions, urls
+    from protocol.settings import FarmSettings
+
+    settings = FarmSettings(redis_url="redis://:r3dis@127.0.0.1:6400/0", flower_auth="admin:fl0wer")
+    opts = UpOptions("none", "tiny", "127.0.0.1", True, 7861, 5556, 9500, tmp_path, 60.0, "info")
+    shown = dict((label, url) for label, url in urls(opts, settings, worker_specs(plan_gpus("none", 0, "h"), {}, 9500,
+                                                                                   "info"), ui=True))
+    assert shown == {"Redis": "redis://:***@127.0.0.1:6400/0", "Flower": "http://127.0.0.1:5556 (login admin:***)",
+                     "UI": "http://127.0.0.1:7861", "metrics": "http://127.0.0.1:9500/metrics (cpu@h)"}
