@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import sys
@@ -126,14 +127,21 @@ def _target_level(levels: list[int]) -> int:
 
 
 class _Log:
+    """Reports each run as it ends, on stderr and in ``logs/progress.jsonl`` (a long run that is
+    stopped early keeps what it measured)."""
+
     def __init__(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
         self.logdir = out / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.progress = self.logdir / "progress.jsonl"
+        self.progress.write_text("")
 
     def __call__(self, run: Run) -> Run:
         summary = run.summary()
         text = summary.get("unavailable") or f"{summary['tokens_per_s']} tok/s, p50 {summary.get('latency_p50')} s"
         print(f"bench: {run.mode} N={run.concurrency}: {text}", file=sys.stderr, flush=True)
+        with self.progress.open("a") as progress:
+            progress.write(json.dumps({**summary, "loadavg": os.getloadavg()}) + "\n")
         return run
 
 
