@@ -172,3 +172,10 @@ def test_a_producer_killed_in_the_middle_of_a_chunk_sends_no_row_twice(idle_clie
     wait_until(lambda: again.progress().sent == 7, 10, "the window was not filled")
     again.close()
     assert queued_ids(idle_client) == [f"settle:{i}" for i in range(7)]
+
+
+def test_a_generator_of_prompts_sets_the_total_when_it_runs_out(client: FarmClient) -> None:
+    job = client.submit_job((f"lazy row {i}" for i in range(25)), window=8, max_new_tokens=2)
+    results = list(job.results(timeout=60))
+    assert [r.id for r in results] == [f"{job.id}:{i}" for i in range(25)]
+    assert job.total == 25 and client.job(job.id).total == 25
