@@ -85,8 +85,13 @@ def test_every_variable_the_file_needs_is_in_env_example(raw: dict[str, Any]) ->
 
 
 def test_services_of_the_farm(compose: dict[str, Any]) -> None:
-    assert {"redis", "flower", "ui"} <= set(compose["services"])
+    services = compose["services"]
+    assert {"redis", "flower", "ui"} <= set(services)
     assert len(workers(compose)) >= 1
+    for name, service in farm_services(compose).items():
+        assert (ROOT / service["build"] / "Dockerfile").is_file(), name
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
 
 
 def test_commands_are_farm_commands_with_valid_options(compose: dict[str, Any]) -> None:
