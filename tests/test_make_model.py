@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,16 +38,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny: Path) -> PreTrainedTokenizerFast:
+def tokenizer(tiny: Path) -> Any:
     return AutoTokenizer.from_pretrained(tiny)
 
 
 @pytest.fixture(scope="module")
-def model(tiny: Path) -> torch.nn.Module:
+def model(tiny: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(tiny).eval()
 
 
-def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> list[list[int]]:
+def _greedy(model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> list[list[int]]:
     """New token ids of a greedy left-padded batched generate, one list per prompt."""
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -75,10 +77,11 @@ def test_layout_and_marker(tiny: Path) -> None:
         assert (tiny / name).is_file(), name
     adapter_config = json.loads((tiny / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny)
-    assert not list(tiny.parent.glob(".model.*")), "temporary build directories left behind"
+    leftovers = [*tiny.parent.glob(".model.build-*"), *tiny.parent.glob(".model.old-*")]
+    assert not leftovers, "temporary build directories left behind"
 
 
-def test_loads_with_auto_classes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
+def test_loads_with_auto_classes(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:
     assert type(model).__name__ == "LlamaForCausalLM"
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
@@ -100,7 +103,7 @@ def test_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
     assert text == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
 
 
-def test_batched_greedy_equals_single(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
+def test_batched_greedy_equals_single(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:
     batched = _greedy(model, tokenizer, PROMPTS)
     single = [_greedy(model, tokenizer, [prompt])[0] for prompt in PROMPTS]
     assert batched == single
@@ -115,7 +118,7 @@ def test_adapter_changes_greedy_output(tiny: Path, tokenizer: PreTrainedTokenize
     for name in make_model.ADAPTERS:
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tiny / name).eval()
         outputs[name] = _greedy(adapted, tokenizer, PROMPTS)
-        assert sum(a != b for a, b in zip(outputs[name], plain)) >= len(PROMPTS) // 2, name
+        assert sum(a != b for a, b in zip(outputs[name], plain, strict=True)) >= len(PROMPTS) // 2, name
     assert outputs["adapter"] != outputs["adapter2"]
 
 
@@ -131,9 +134,25 @@ def test_stale_marker_triggers_rebuild(tmp_path: Path) -> None:
     out = tmp_path / "model"
     out.mkdir()
     (out / make_model.MARKER).write_text(json.dumps({"size": "tiny", "version": -1, "params": 0}))
+    killed_build = tmp_path / ".model.build-killed"  # what a build killed mid-way leaves behind
+    killed_build.mkdir()
     make_model.ensure_model(out, "tiny")
     assert make_model.is_current(out, "tiny")
     assert (out / "model.safetensors").is_file()
+    assert not killed_build.exists()
+
+
+def test_concurrent_ensure_builds_once(tmp_path: Path) -> None:
+    # One worker per device on a host: all of them ensure the same model directory at start.
+    out, stages = tmp_path / "shared", []
+
+    def record(stage: str, _: float) -> None:
+        stages.append(stage)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(make_model.ensure_model, out, "tiny", record) for _ in range(2)]
+        assert [f.result() for f in futures] == [out, out]
+    assert stages.count("done") == 1 and stages.count("cached") == 1
 
 
 def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
