@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ ALL_MODES = ("sequential", "gradio-concurrency", "static-batch", "transformers-s
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers and workers this run started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = _modes(args.modes)
     model = _model_path(args.model)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // 2)
