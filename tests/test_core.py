@@ -153,14 +153,6 @@ def test_poisoned_request_fails_alone_in_its_batch(client: FarmClient) -> None:
     assert all(r.ok for i, r in enumerate(results) if i != 3)
 
 
-def test_out_of_memory_batch_is_split_and_all_succeed(client: FarmClient, farm_worker) -> None:  # type: ignore[no-untyped-def]
-    prompts = [f"{p} <<oom>>" if i == 0 else p for i, p in enumerate(PROMPTS)]
-    results = submit_all(client, prompts, max_new_tokens=8)
-    assert all(r.ok for r in results), [r.error for r in results]
-    assert results[0].batch_size == 1
-    assert "out of memory in a batch" in farm_worker.log()
-
-
 def test_cancel_running_request(client: FarmClient) -> None:
     handle = client.submit("A long story", max_new_tokens=1024, ignore_eos=True)
     events = handle.events(timeout=60)
