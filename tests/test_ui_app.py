@@ -197,7 +197,11 @@ def test_login_is_required_when_configured(apps: dict[str, UiApp]) -> None:
 
 def test_farm_tab_shows_workers_batches_and_flower(apps: dict[str, UiApp]) -> None:
     generate(apps["farm"], "for the chart", new_tokens=8).result(timeout=60)  # type: ignore[attr-defined]
-    summary, workers, sizes, _speed = apps["farm"].client().predict(api_name="/farm")
+    ui = apps["farm"].client()
+    views: list[tuple[str, dict, dict, dict]] = []  # type: ignore[type-arg]
+    # The batch shows once the worker's next heartbeat (every 0.5 s here) carries it.
+    wait_until(lambda: views.append(ui.predict(api_name="/farm")) or views[-1][2]["data"], 30, "no batch shown")
+    summary, workers, sizes, _speed = views[-1]
     assert "**1 worker online**" in summary
     assert f"(http://127.0.0.1:{FLOWER_PORT}/)" in summary
     assert [row[0] for row in workers["data"]] == ["cpu@test"]
@@ -243,6 +247,7 @@ def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> No
             request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
             page.get_by_role("tab", name="Farm").click()
             page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
+            page.wait_for_timeout(1500)  # the charts draw after their data arrives; for the screenshot only
             page.screenshot(path=str(shots / "farm.png"), full_page=True)
             run_bulk_job_in_page(page, shots)
         finally:

@@ -126,10 +126,11 @@ def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, lis
     summary = gr.Markdown("Loading…", elem_id="farm-summary")
     workers = gr.Dataframe(headers=farm.WORKER_COLUMNS, interactive=False, label="Workers online")
     with gr.Row():
-        sizes = gr.BarPlot(x="time", y="batch size", color="worker", title="Recent batch sizes",
-                           y_title="requests in the batch", height=280)
+        # Points, not bars: a bar on a time axis has no width, and a lone batch would not show.
+        sizes = gr.ScatterPlot(x="time", y="batch size", color="worker", title="Recent batch sizes",
+                               y_title="requests in the batch", y_lim=[0, None], height=280)
         speed = gr.LinePlot(x="time", y="tokens/s", color="worker", title="Throughput of recent batches",
-                            y_title="tokens/s", height=280)
+                            y_title="tokens/s", y_lim=[0, None], height=280)
     outputs: list[Any] = [summary, workers, sizes, speed]
     timer = gr.Timer(FARM_REFRESH_SECONDS, active=False)
     timer.tick(_farm_refresher(client, settings), outputs=outputs, show_progress="hidden",
