@@ -22,7 +22,7 @@ import redis
 from gradio_client import Client
 
 from producer import FarmClient
-from protocol.names import INTERACTIVE_QUEUE, heartbeat_key
+from protocol.names import INTERACTIVE_QUEUE, heartbeat_key, stream_key
 from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -184,6 +184,28 @@ def test_queued_request_shows_depth_and_cancels(apps: dict[str, UiApp], redis_se
         status, _, _ = apps["idle"].client().predict(request_id, api_name="/cancel")
         assert status == "**Cancelled** before it started: it will not run."
         assert db.get(f"farm:cancel:{request_id}") == b"1"
+    finally:
+        db.flushdb()
+
+
+def test_running_status_then_a_lost_worker(apps: dict[str, UiApp], redis_server: RedisServer) -> None:
+    """The worker's side played by hand: its stream events and its heartbeat."""
+    db = redis_server.client(IDLE_DB)
+    fake_worker(db)
+    try:
+        job = generate(apps["idle"], "a run nobody finishes")
+        wait_until(lambda: job.outputs(), 30, "no status")  # type: ignore[attr-defined]
+        request_id = job.outputs()[0][2]  # type: ignore[attr-defined]
+        for event in ({"type": "start", "worker": "ghost@test", "batch_size": 3}, {"type": "delta", "text": "Hel"},
+                      {"type": "delta", "text": "lo"}):
+            db.xadd(stream_key(request_id), {"event": json.dumps(event)})
+        running = ("**Running** on `ghost@test` in a batch of 3…", "Hello", request_id)
+        wait_until(lambda: tuple(job.outputs()[-1]) == running, 30, "no running status")  # type: ignore[attr-defined]
+        db.delete(heartbeat_key("ghost@test"))
+        wait_until(lambda: job.outputs()[-1][0].startswith(  # type: ignore[attr-defined]
+            "**Waiting**: worker `ghost@test` stopped while running this request."), 30, "no lost-worker status")
+        job.cancel()  # type: ignore[attr-defined]
+        wait_until(lambda: db.get(f"farm:cancel:{request_id}") == b"1", 30, "leaving did not cancel")
     finally:
         db.flushdb()
 

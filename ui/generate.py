@@ -20,6 +20,8 @@ POLL_MS = 500
 """How long one wait on a request's stream blocks before the queue position is refreshed."""
 RESULT_TIMEOUT = 60.0
 """The stored result follows the stream's end event by milliseconds; this only bounds a bug."""
+CANCEL_WAIT = 10.0
+"""A running request stops at its next token; longer than this means its worker is gone."""
 DEFAULT_ADAPTER_CHOICE = "(farm default)"
 
 
@@ -81,21 +83,22 @@ def follow(client: FarmClient, handle: RequestHandle) -> Iterator[Update]:
     """Queued (with the depth ahead), running (worker, batch size) with the text so far, then the
     final line; a step at every stream event, and every ``POLL_MS`` while nothing happens."""
     text, after, line, ended = "", "0", _queued_line(client), False
+    worker: str | None = None
     yield Update(line, text, handle.id)
     while not ended:
         events = client.read_events(handle.id, after, block_ms=POLL_MS)
         for event_id, event in events:
             after = event_id
-            if event["type"] == "start":
-                line = status.running(event.get("worker"), event.get("batch_size"))
+            if event["type"] == "start":  # a run (re)starts from scratch: after a lost worker, an OOM split
+                worker, text = event.get("worker"), ""
+                line = status.running(worker, event.get("batch_size"))
             elif event["type"] == "delta":
                 text += str(event.get("text", ""))
             ended = ended or event["type"] == "end"
         if not events:
             if client.task_meta(handle.id).get("status") in READY_STATES:
                 break  # refused by the worker before it reached a batch: no stream at all
-            if after == "0":
-                line = _queued_line(client)
+            line = _queued_line(client) if after == "0" else _silent_line(client, worker, line)
         yield Update(line, text, handle.id)
     result = handle.result(timeout=RESULT_TIMEOUT)
     yield Update(status.finished(result), result.text or text, handle.id, final=True)
@@ -113,7 +116,10 @@ def cancel(client: FarmClient, request_id: str) -> Update:
     handle.cancel()
     if state.state != "running":
         return Update(status.cancelled_while_queued(), "", request_id, final=True)
-    result = handle.result(timeout=RESULT_TIMEOUT)
+    try:
+        result = handle.result(timeout=CANCEL_WAIT)
+    except TimeoutError:  # its worker is gone or stuck: the flag stops it wherever it runs next
+        return Update(status.cancel_pending(), state.text, request_id, final=True)
     return Update(status.finished(result), result.text, request_id, final=True)
 
 
@@ -123,6 +129,13 @@ def _queued_line(client: FarmClient) -> str:
     # Until it starts, this request is itself one of those counted: in Redis or held by a worker.
     ahead = max(0, client.queue_depths()[INTERACTIVE_QUEUE] + held - 1)
     return status.queued(ahead, len(workers))
+
+
+def _silent_line(client: FarmClient, worker: str | None, line: str) -> str:
+    """While running and nothing arrives: the same line, unless its worker stopped beating."""
+    if worker is None or any(w.get("name") == worker for w in client.workers()):
+        return line
+    return status.worker_lost(worker, client.settings.visibility_timeout)
 
 
 def _cancel_quietly(client: FarmClient, request_id: str) -> None:

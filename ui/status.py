@@ -37,6 +37,16 @@ def finished(result: GenerationResult) -> str:
             f"{result.tokens_per_second:.1f} tokens/s{where}{batch}; finish reason: {result.finish_reason}.")
 
 
+def worker_lost(worker: str, visibility_timeout: int) -> str:
+    return (f"**Waiting**: worker `{worker}` stopped while running this request. It returns to the queue "
+            f"and runs again on another worker, within FARM_VISIBILITY_TIMEOUT ({visibility_timeout} s); "
+            "or cancel it and submit again.")
+
+
+def cancel_pending() -> str:
+    return "**Cancelled**: its worker has not answered yet; the request stops as soon as one runs it."
+
+
 def cancelled_while_queued() -> str:
     return "**Cancelled** before it started: it will not run."
 
