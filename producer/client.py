@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from producer.jobs import Job
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
-CLIENT_RETRIES = 5
-"""A client rides out about 3 s of Redis downtime before reporting it unreachable."""
+CLIENT_RETRIES = 3
+"""A call retries about 1 s of Redis downtime before reporting it unreachable (a user waits)."""
+OUTAGE_GRACE = 60.0
+"""A request already submitted waits this long for Redis to come back (a restart)."""
 
 
 @dataclass
@@ -185,24 +187,37 @@ class RequestHandle:
         return f"RequestHandle({self.id!r})"
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        """Wait for the result; raises ``TimeoutError`` after ``timeout`` seconds."""
+        """Wait for the result; raises ``TimeoutError`` after ``timeout`` seconds. A Redis outage
+        shorter than ``OUTAGE_GRACE`` seconds (a restart) is waited out."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        after, ended = "0", False
+        cursor = _Cursor()
+        outage = _Outage()
         while True:
-            meta = self.client.task_meta(self.id)
-            if meta.get("status") in READY_STATES:
-                return result_from_meta(self.id, meta)
             remaining = _remaining(deadline)
+            try:
+                result = self._poll(cursor, remaining)
+            except FarmUnavailable as error:
+                outage.wait_or_raise(error)
+                continue
+            outage.clear()
+            if result is not None:
+                return result
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-            if ended:  # the end event precedes Celery's stored result by a moment
-                time.sleep(0.005)
-                continue
-            # Block on the request's stream: the worker's next event wakes us.
-            events = self.client.read_events(self.id, after, block_ms=_block_ms(remaining))
-            if events:
-                after = events[-1][0]
-                ended = any(e["type"] == "end" for _, e in events)
+
+    def _poll(self, cursor: _Cursor, remaining: float | None) -> GenerationResult | None:
+        meta = self.client.task_meta(self.id)
+        if meta.get("status") in READY_STATES:
+            return result_from_meta(self.id, meta)
+        if cursor.ended:  # the end event precedes Celery's stored result by a moment
+            time.sleep(0.005)
+            return None
+        # Block on the request's stream: the worker's next event wakes us.
+        events = self.client.read_events(self.id, cursor.after, block_ms=_block_ms(remaining))
+        if events:
+            cursor.after = events[-1][0]
+            cursor.ended = any(e["type"] == "end" for _, e in events)
+        return None
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
         """Text deltas as the worker generates them; their concatenation is the final text."""
@@ -251,6 +266,29 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self.client.cancel(self.id)
+
+
+@dataclass
+class _Cursor:
+    after: str = "0"
+    ended: bool = False
+
+
+class _Outage:
+    """How long Redis has been unreachable while we wait for a result."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def wait_or_raise(self, error: FarmUnavailable) -> None:
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > OUTAGE_GRACE:
+            raise error
+        time.sleep(0.5)
+
+    def clear(self) -> None:
+        self.since = None
 
 
 def result_from_meta(request_id: str, meta: dict[str, Any]) -> GenerationResult:
