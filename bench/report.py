@@ -126,8 +126,10 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             xs, tps, lat = _level(rows, xs, tps, lat)
         left.plot(xs, tps, style, marker="o", label=mode)
         right.plot(xs, lat, style, marker="o", label=mode)
+    levels = sorted({r["concurrency"] for r in rows})
     for axis, label in ((left, "tokens / s"), (right, "p50 latency (s)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)

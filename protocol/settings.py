@@ -55,8 +55,10 @@ class FarmSettings:
     """Prompt template: ``none``, ``alpaca`` (alpaca-lora) or ``chat`` (the tokenizer's)."""
     llm_int8_threshold: float = 6.0
     """LLM.int8 outlier threshold; 0 makes int8 outputs depend less on batch neighbours."""
-    strategy: str = "dynamic"
-    """Batching strategy of the engine: ``dynamic`` (group, run to completion) or ``continuous``."""
+    strategy: str = "continuous"
+    """Batching strategy of the engine: ``continuous`` (requests join and leave the running batch at
+    every step; the default: faster under load and short requests are not held behind long ones,
+    see README "Performance") or ``dynamic`` (group, run to completion)."""
     max_batch_size: int = 16
     """Most requests in one batch."""
     max_batch_tokens: int = 8192

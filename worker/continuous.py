@@ -22,10 +22,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from protocol.settings import FarmSettings
-from worker.engine import Engine, RenderFn, StreamSink, Submission, is_out_of_memory
+from worker.engine import Engine, RenderFn, StreamSink, Submission
 from worker.runner import BatchRow, ModelRunner, StepObserver, _injected_faults, _RowSampler, _Stepper
 from worker.runner import configure_torch_threads
-from worker.scheduler import ContinuousScheduler, DynamicScheduler, Pending, batch_cost
+from worker.scheduler import ContinuousScheduler, DynamicScheduler, Pending
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,9 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class ContinuousEngine(Engine):
     """The engine with a running batch that requests join and leave at every step.
 
-    A failure while joining or stepping isolates the rows concerned: each then runs alone through
-    the dynamic path (its retry and out-of-memory handling), so no request fails for a neighbour.
+    A failure while joining or stepping takes the rows concerned out of the running batch and
+    through the dynamic path's recovery (halves after out of memory, else one by one), so no
+    request fails for a neighbour.
     """
 
     scheduler: ContinuousScheduler
@@ -303,19 +304,13 @@ class ContinuousEngine(Engine):
             self._segment = [now, 0, 0]
 
     def _isolate(self, failed: list[Pending], error: Exception) -> None:
-        if is_out_of_memory(error) and len(failed) > 1:
-            log.warning("out of memory in a batch of %d; running each request alone", len(failed))
-            self.stats.oom_splits += 1
-            self.scheduler.on_out_of_memory(time.monotonic(), batch_cost(failed))
-        else:
-            log.warning("continuous batch of %d failed (%r); running each request alone", len(failed), error)
+        """Rows of a failed join or step leave the running batch and take the dynamic path's
+        recovery: halves after out of memory, else one by one, so only the culprit fails."""
         for p in failed:
             self._release(p.request_id)
             self._started.pop(p.request_id, None)
             self._peak.pop(p.request_id, None)
-            self._reset_row(p.request_id)
-        for p in failed:
-            self._execute([p])
+        self._recover(failed, error)
         self.running = len(self.batch.rows)
 
 
