@@ -9,13 +9,15 @@ learn the new name from the heartbeat (``FarmClient.limits()``).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.worker.control import control_command
 
 from protocol.settings import BASE_ADAPTER
-from worker.engine import Engine
+
+if TYPE_CHECKING:  # clients import this module for broadcast_load_adapter: no torch for them
+    from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
