@@ -53,4 +53,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write(f"{header[0]:<28}{header[1]:>10}{header[2]:>10}{header[3]:>6}{header[4]:>11}{header[5]:>12}  notes")
     for f in REPORT:
         notes = ", ".join(f"{k}={v}" for k, v in f.notes.items())
-        write(f"{f.fault:<28}{f.submitted:>10}{f.completed:>10}{f.lost:>6}{f.duplicated:>11}{f.redelivered:>12}  {notes}")
+        counts = f"{f.submitted:>10}{f.completed:>10}{f.lost:>6}{f.duplicated:>11}{f.redelivered:>12}"
+        write(f"{f.fault:<28}{counts}  {notes}")
