@@ -93,8 +93,11 @@ class FarmSettings:
     metrics_host: str = "127.0.0.1"
     """Address a worker's metrics endpoint binds (``0.0.0.0`` in a container for Prometheus)."""
     flower_port: int = 5555
+    """Flower's port (monitoring UI, its API and Prometheus ``/metrics``)."""
     ui_host: str = "127.0.0.1"
+    """Address the Gradio UI binds; anything beyond loopback should come with ``FARM_UI_AUTH``."""
     ui_port: int = 7860
+    """The Gradio UI's port."""
     ui_auth: str = ""
     """``user:pass`` to require a login in the UI."""
     ui_max_queue: int = 256
