@@ -46,6 +46,15 @@ class _Block:
     """[B]: the token each row feeds at the next step."""
 
 
+@dataclass
+class _Segment:
+    """Busy time since the last stats record, and what finished in it."""
+
+    start: float
+    requests: int = 0
+    tokens: int = 0
+
+
 class ContinuousBatch:
     """The running batch on one model. Only the engine's model thread calls it."""
 
@@ -229,7 +238,7 @@ class ContinuousEngine(Engine):
         self._pending: dict[str, Pending] = {}
         self._started: dict[str, float] = {}
         self._peak: dict[str, int] = {}
-        self._segment = [time.monotonic(), 0, 0]  # start, requests finished, tokens
+        self._segment = _Segment(time.monotonic())
 
     def _tick(self) -> None:
         running = self.batch.rows
@@ -284,8 +293,8 @@ class ContinuousEngine(Engine):
         for row in stepped:
             self._peak[row.request_id] = max(self._peak.get(row.request_id, 0), size, 1)
         for row in self.batch.evict():
-            self._segment[1] += 1
-            self._segment[2] += len(row.state.tokens)
+            self._segment.requests += 1
+            self._segment.tokens += len(row.state.tokens)
             self._release(row.request_id)
             self._finish(row.request_id, self._peak.pop(row.request_id, 1), self._started.pop(row.request_id))
         self.running = len(self.batch.rows)
@@ -295,13 +304,12 @@ class ContinuousEngine(Engine):
         self._pending.pop(request_id, None)
 
     def _record_segment(self) -> None:
-        start, requests, tokens = self._segment
-        now = time.monotonic()
-        if requests and (not self.batch.rows or now - start >= SEGMENT_SECONDS):
-            self.stats.record(int(requests), int(tokens), now - start)
-            self._segment = [now, 0, 0]
+        segment, now = self._segment, time.monotonic()
+        if segment.requests and (not self.batch.rows or now - segment.start >= SEGMENT_SECONDS):
+            self.stats.record(segment.requests, segment.tokens, now - segment.start)
+            self._segment = _Segment(now)
         elif not self.batch.rows:
-            self._segment = [now, 0, 0]
+            self._segment = _Segment(now)
 
     def _isolate(self, failed: list[Pending], error: Exception) -> None:
         """Rows of a failed join or step leave the running batch and take the dynamic path's
