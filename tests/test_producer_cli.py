@@ -48,7 +48,10 @@ def prompt_file(path: Path, tag: str, count: int) -> Path:
 
 
 def read_lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """Complete lines only: a producer still running may be halfway through writing the last one."""
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()]
 
 
 def count_lines(path: Path) -> int:
