@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +18,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.procs import free_port
+from bench.procs import stop as stop_process
+
 pytest_plugins = ["tests.reliability_report"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = ROOT / ".farm" / "test-models"
 OUTPUT = ROOT / "test-output"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -81,18 +76,6 @@ def wait_until(predicate: object, timeout: float, message: str, interval: float 
             return
         time.sleep(interval)
     raise AssertionError(f"{message} (after {timeout}s)")
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """SIGTERM, then SIGKILL if it does not stop: only processes this suite started."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")
