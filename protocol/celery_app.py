@@ -27,6 +27,9 @@ def celery_config(settings: FarmSettings) -> dict[str, object]:
         # Look for messages whose worker died (unacked past the visibility timeout) at every
         # 10 s tick, not every 10th tick (kombu's default): redelivery within seconds of it.
         "unacked_restore_throttle": 1,
+        # The lock around that scan outlives a worker killed while holding it; kombu's 300 s
+        # would pause every redelivery for five minutes. A scan takes milliseconds.
+        "unacked_mutex_expire": 15,
     }
     return {
         # json only: pickle would let anyone who can write to Redis run code in the worker.

@@ -11,17 +11,62 @@ the channel's unacknowledged messages back with a connection it has just torn do
 resulting AttributeError stopped the worker ("Unrecoverable error"). Those messages are still in
 Redis's unacked index, and come back after the visibility timeout, so the attempt is dropped
 with a log line and the worker reconnects.
+
+And: stock kombu takes a message with ``BRPOP`` and only then, from Python, records it in the
+unacked index that redelivers a dead worker's messages. A worker killed in between (or while
+the popped reply waits in its socket because the prefetch window is full) loses that message
+for good: kombu's Redis transport is at-most-once there. Here the pop and the unacked record
+are one Lua script, so a message is always either in its queue or in the unacked index. The
+script cannot block, so an empty pop is followed by a short server-side wait (``IDLE_WAIT``)
+before the next one.
 """
 
 from __future__ import annotations
 
 import logging
+from queue import Empty
+from time import monotonic
 from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
+
+#: Seconds an idle worker waits (server side) between pops of empty queues: the most an
+#: interactive request waits for an idle worker to notice it.
+IDLE_WAIT = 0.02
+#: A key nobody writes; blocking on it is a server-side sleep that keeps the socket readable.
+IDLE_KEY = "batchfarm:idle"
+
+# KEYS: unacked index, unacked hash, then the queues in priority order. Pops the first message,
+# records it as unacked (score = now, as kombu's QoS.append does) in the same atomic step, and
+# returns {queue, message}. A message that is not a kombu envelope is returned unrecorded (the
+# Python side drops it with a log line). The envelope is stored as sent, never re-encoded.
+POP_SCRIPT = """
+local now = redis.call('TIME')
+local score = tonumber(now[1]) + tonumber(now[2]) / 1000000
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local ok, envelope = pcall(cjson.decode, item)
+    if ok and type(envelope) == 'table' and type(envelope['properties']) == 'table' then
+      local tag = envelope['properties']['delivery_tag']
+      local info = envelope['properties']['delivery_info']
+      if type(tag) == 'string' and type(info) == 'table' then
+        redis.call('ZADD', KEYS[1], score, tag)
+        redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
+                   .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      end
+    end
+    return {KEYS[i], item}
+  end
+end
+return false
+"""
 
 
 class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
@@ -36,13 +81,61 @@ class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
 
 class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = SafeQoS
+    _atomic_pop = True  # off for a key prefix, or a server without Lua: stock BRPOP then
+    _idle = False  # the last pop found every queue empty: wait before the next
+    _sent = "BRPOP"
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if not self._atomic_pop or self.global_keyprefix:
+            self._sent = "BRPOP"
+            super()._brpop_start(timeout)
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        if self._idle:
+            self._sent = "BLPOP"
+            self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
+        else:
+            self._sent = "EVAL"
+            self.client.connection.send_command("EVAL", POP_SCRIPT, 2 + len(keys), self.unacked_index_key,
+                                                self.unacked_key, *keys)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
-            return bool(super()._brpop_read(**options))
+            if self._sent == "BRPOP":
+                return bool(super()._brpop_read(**options))
+            return self._atomic_read(**options)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.error("dropped a malformed message from the queue (not a valid kombu envelope): %r", error)
             return True
+
+    def _atomic_read(self, **options: Any) -> bool:
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, self._sent, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnects on the next iteration
+                raise
+            except ResponseError as error:
+                log.warning("atomic pop refused by the server (%s); falling back to BRPOP", error)
+                self._atomic_pop = False
+                raise Empty() from error
+            if self._sent == "BLPOP" or not reply:
+                self._idle = self._sent == "EVAL"
+                raise Empty()
+            self._idle = False
+            dest, item = reply
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
 
 
 class SafeTransport(kombu_redis.Transport):  # type: ignore[misc]
