@@ -103,11 +103,17 @@ def _run_all(args: argparse.Namespace, modes: list[str], model: str, threads: in
         # The reference outputs: every prompt once, alone (also the `sequential` mode's run).
         seq = log(run_sequential(local, _jobs(prompts, len(prompts), args.new_tokens)))
         reference = {s.index: s.text for s in seq.samples}
-        runs = [seq] if "sequential" in modes else []
+        runs = [seq] if "sequential" in modes and 1 not in levels else []
         # Modes alternate within each level, so a change in the machine's load hits them alike.
         for c in levels:
             jobs = _jobs(prompts, count[c], args.new_tokens)
-            runs += [log(serve(jobs, c)) for mode, serve in servers.items() if mode in modes]
+            chosen = {mode: serve for mode, serve in servers.items() if mode in modes}
+            if c == 1:
+                if "sequential" in modes:
+                    chosen = {"sequential": lambda jobs, _: run_sequential(local, jobs), **chosen}
+                runs += [log(run) for run in _take_turns(chosen, jobs)]
+            else:
+                runs += [log(serve(jobs, c)) for serve in chosen.values()]
         mixed = []
         if args.mixed:
             jobs = _mixed_jobs(prompts, args.mixed_requests, args.short_tokens, args.long_tokens)
@@ -123,6 +129,22 @@ def _run_all(args: argparse.Namespace, modes: list[str], model: str, threads: in
             "results": rows, "mixed": mixed_rows, "targets": targets(rows, mixed_rows, _target_level(levels)),
             "samples": {**{f"{r.mode}@{r.concurrency}": [s.__dict__ for s in r.samples] for r in runs},
                         **{f"mixed:{r.mode}@{r.concurrency}": [s.__dict__ for s in r.samples] for r in mixed}}}
+
+
+def _take_turns(servers: dict[str, Serve], jobs: list[Job]) -> list[Run]:
+    """One client: the modes take turns request by request (who goes first rotates), so a drift
+    in the machine's speed, common on a shared 2-core host, hits every mode alike. A closed loop
+    of one client is a sequence of single requests, so this measures the same thing as running
+    each mode's requests in a block; each mode's run is the sum of its turns."""
+    names = list(servers)
+    runs = {mode: Run(mode, 1) for mode in names}
+    for i, job in enumerate(jobs):
+        for mode in names[i % len(names):] + names[:i % len(names)]:
+            turn, run = servers[mode]([job], 1), runs[mode]
+            run.samples += turn.samples
+            run.wall += turn.wall
+            run.note, run.unavailable = turn.note or run.note, turn.unavailable
+    return list(runs.values())
 
 
 def _target_level(levels: list[int]) -> int:
