@@ -17,8 +17,9 @@ unacked index that redelivers a dead worker's messages. A worker killed in betwe
 the popped reply waits in its socket because the prefetch window is full) loses that message
 for good: kombu's Redis transport is at-most-once there. Here the pop and the unacked record
 are one Lua script, so a message is always either in its queue or in the unacked index. The
-script cannot block, so an empty pop is followed by a short server-side wait (``IDLE_WAIT``)
-before the next one.
+script cannot block, so after an empty pop the worker's event loop waits ``IDLE_WAIT`` (a timer)
+before the next one. (A server-side wait such as ``BLPOP key 0.02`` would not do: Redis checks
+blocking timeouts at its ``hz`` rate, 10 per second by default, so it would last ~100 ms.)
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
-#: Seconds an idle worker waits (server side) between pops of empty queues: the most an
-#: interactive request waits for an idle worker to notice it.
+#: Seconds an idle worker waits between pops of empty queues: the most an interactive request
+#: waits for an idle worker to notice it.
 IDLE_WAIT = 0.02
-#: A key nobody writes; blocking on it is a server-side sleep that keeps the socket readable.
+#: A key nobody writes; blocking on it is a server-side sleep, for consumers without an event loop.
 IDLE_KEY = "batchfarm:idle"
 
 # KEYS: unacked index, unacked hash, then the queues in priority order. Pops the first message,
@@ -90,13 +91,15 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._sent = "BRPOP"
             super()._brpop_start(timeout)
             return
+        if self._idle and self._event_loop() is not None:
+            return  # the idle timer set by the empty pop has not fired yet; nothing in flight
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        if self._idle:
+        if self._idle:  # no event loop (a synchronous consumer): wait on the server instead
             self._sent = "BLPOP"
             self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
         else:
@@ -113,6 +116,12 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
             log.error("dropped a malformed message from the queue (not a valid kombu envelope): %r", error)
             return True
 
+    def _event_loop(self) -> Any:
+        return getattr(self.connection, "event_loop", None)
+
+    def _end_idle(self) -> None:
+        self._idle = False
+
     def _atomic_read(self, **options: Any) -> bool:
         try:
             try:
@@ -126,6 +135,11 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
                 raise Empty() from error
             if self._sent == "BLPOP" or not reply:
                 self._idle = self._sent == "EVAL"
+                loop = self._event_loop()
+                if self._idle and loop is not None:
+                    # Set here, before the loop computes its next poll timeout (kombu's hub does
+                    # that before its tick callbacks, where the next pop is sent).
+                    loop.call_later(IDLE_WAIT, self._end_idle)
                 raise Empty()
             self._idle = False
             dest, item = reply
@@ -140,6 +154,11 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
 
 class SafeTransport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = SafeChannel
+    event_loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self.event_loop = loop
+        super().register_with_event_loop(connection, loop)
 
 
 def install() -> None:
