@@ -83,7 +83,8 @@ class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
 class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = SafeQoS
     _atomic_pop = True  # off for a key prefix, or a server without Lua: stock BRPOP then
-    _idle = False  # the last pop found every queue empty: wait before the next
+    _idle = False  # without an event loop: the last pop found every queue empty, sleep first
+    _idle_until = 0.0  # with the worker's event loop: no pop before this (after an empty one)
     _sent = "BRPOP"
 
     def _brpop_start(self, timeout: Any = None) -> None:
@@ -91,8 +92,8 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._sent = "BRPOP"
             super()._brpop_start(timeout)
             return
-        if self._idle and self._event_loop() is not None:
-            return  # the idle timer set by the empty pop has not fired yet; nothing in flight
+        if self._event_loop() is not None and monotonic() < self._idle_until:
+            return  # waiting after an empty pop (a timer wakes the loop); nothing in flight
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -119,9 +120,6 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _event_loop(self) -> Any:
         return getattr(self.connection, "event_loop", None)
 
-    def _end_idle(self) -> None:
-        self._idle = False
-
     def _atomic_read(self, **options: Any) -> bool:
         try:
             try:
@@ -134,12 +132,16 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self._atomic_pop = False
                 raise Empty() from error
             if self._sent == "BLPOP" or not reply:
-                self._idle = self._sent == "EVAL"
                 loop = self._event_loop()
-                if self._idle and loop is not None:
-                    # Set here, before the loop computes its next poll timeout (kombu's hub does
-                    # that before its tick callbacks, where the next pop is sent).
-                    loop.call_later(IDLE_WAIT, self._end_idle)
+                if self._sent == "EVAL" and loop is not None:
+                    # The timer only wakes the loop; the deadline decides, so a timer lost in a
+                    # reset delays the next pop by a tick at most. Set here, before the loop
+                    # computes its next poll timeout (kombu's hub does that before its tick
+                    # callbacks, where the next pop is sent).
+                    self._idle_until = monotonic() + IDLE_WAIT
+                    loop.call_later(IDLE_WAIT, _wake)
+                else:
+                    self._idle = self._sent == "EVAL"
                 raise Empty()
             self._idle = False
             dest, item = reply
@@ -150,6 +152,10 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+
+def _wake() -> None:
+    """An idle timer's callback: firing wakes the event loop, whose next tick pops again."""
 
 
 class SafeTransport(kombu_redis.Transport):  # type: ignore[misc]
