@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,19 +36,23 @@ def publish(conn: Connection, payloads: list[dict[str, Any]]) -> None:
             producer.publish(payload, exchange=QUEUE.exchange, routing_key=QUEUE.routing_key, declare=[QUEUE])
 
 
-def pop_and_die(conn: Connection) -> list[dict[str, Any]]:
-    """Consume as a worker does, but "die" the moment a message arrives: kombu's own
-    ``qos.append`` (its unacked record) never runs, as when SIGKILL lands right after the pop."""
-    seen: list[dict[str, Any]] = []
-    channel = conn.default_channel
-    channel.connection._deliver = lambda message, queue: seen.append(message)  # no qos.append
-    with conn.Consumer(QUEUE, callbacks=[], accept=["json"]):
+def drain_until(conn: Connection, done: Callable[[], bool], callbacks: list[Any]) -> None:
+    """Consume from ``QUEUE`` (synchronously, no event loop) until ``done()``, at most 10 s."""
+    with conn.Consumer(QUEUE, callbacks=callbacks, accept=["json"]):
         deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             try:
                 conn.drain_events(timeout=0.5)
             except TimeoutError:
                 pass
+
+
+def pop_and_die(conn: Connection) -> list[dict[str, Any]]:
+    """Consume as a worker does, but "die" the moment a message arrives: kombu's own
+    ``qos.append`` (its unacked record) never runs, as when SIGKILL lands right after the pop."""
+    seen: list[dict[str, Any]] = []
+    conn.default_channel.connection._deliver = lambda message, queue: seen.append(message)  # no qos.append
+    drain_until(conn, lambda: bool(seen), [])
     return seen
 
 
@@ -86,13 +90,7 @@ def test_malformed_item_is_returned_unrecorded(connection: Connection, redis_ser
     db.delete(QUEUE.name)
     db.lpush(QUEUE.name, b"{this is not json")
     channel = connection.default_channel
-    with connection.Consumer(QUEUE, callbacks=[lambda body, message: message.ack()], accept=["json"]):
-        deadline = time.monotonic() + 10
-        while db.llen(QUEUE.name) and time.monotonic() < deadline:
-            try:
-                connection.drain_events(timeout=0.5)
-            except TimeoutError:
-                pass
+    drain_until(connection, lambda: not db.llen(QUEUE.name), [lambda body, message: message.ack()])
     assert db.llen(QUEUE.name) == 0  # consumed and dropped with a log line, the consumer alive
     assert db.hlen("unacked") == 0 and db.zcard("unacked_index") == 0
     assert channel._atomic_pop  # the script kept working

@@ -31,8 +31,6 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
@@ -109,49 +107,42 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
                                                 self.unacked_key, *keys)
 
     def _brpop_read(self, **options: Any) -> bool:
+        # kombu's reader serves all three replies: the script returns {queue, message} like
+        # BRPOP, and nil (an empty pop, or the end of a BLPOP sleep) becomes ``Empty``.
+        sent = self._sent
         try:
-            if self._sent == "BRPOP":
-                return bool(super()._brpop_read(**options))
-            return self._atomic_read(**options)
+            return bool(super()._brpop_read(**options))
+        except Empty:
+            if sent == "EVAL":
+                self._rest()
+            else:  # a BLPOP sleep ended (or stock BRPOP timed out): pop next
+                self._idle = False
+            raise
+        except ResponseError as error:
+            if sent != "EVAL":
+                raise
+            log.warning("atomic pop refused by the server (%s); falling back to BRPOP", error)
+            self._atomic_pop = False
+            raise Empty() from error
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.error("dropped a malformed message from the queue (not a valid kombu envelope): %r", error)
             return True
 
+    def _rest(self) -> None:
+        """After an empty pop, no pop for ``IDLE_WAIT``. Without an event loop the next command
+        is a server-side sleep. With the worker's loop, a deadline: the timer only wakes the
+        loop, so a timer lost in a reset delays the next pop by a tick at most. Set here, before
+        the loop computes its next poll timeout (kombu's hub does that before its tick
+        callbacks, where the next pop is sent)."""
+        loop = self._event_loop()
+        if loop is None:
+            self._idle = True
+            return
+        self._idle_until = monotonic() + IDLE_WAIT
+        loop.call_later(IDLE_WAIT, _wake)
+
     def _event_loop(self) -> Any:
         return getattr(self.connection, "event_loop", None)
-
-    def _atomic_read(self, **options: Any) -> bool:
-        try:
-            try:
-                reply = self.client.parse_response(self.client.connection, self._sent, **options)
-            except self.connection_errors:
-                self.client.connection.disconnect()  # reconnects on the next iteration
-                raise
-            except ResponseError as error:
-                log.warning("atomic pop refused by the server (%s); falling back to BRPOP", error)
-                self._atomic_pop = False
-                raise Empty() from error
-            if self._sent == "BLPOP" or not reply:
-                loop = self._event_loop()
-                if self._sent == "EVAL" and loop is not None:
-                    # The timer only wakes the loop; the deadline decides, so a timer lost in a
-                    # reset delays the next pop by a tick at most. Set here, before the loop
-                    # computes its next poll timeout (kombu's hub does that before its tick
-                    # callbacks, where the next pop is sent).
-                    self._idle_until = monotonic() + IDLE_WAIT
-                    loop.call_later(IDLE_WAIT, _wake)
-                else:
-                    self._idle = self._sent == "EVAL"
-                raise Empty()
-            self._idle = False
-            dest, item = reply
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
-            return True
-        finally:
-            self._in_poll = None
-            self._flush_brpop_reauth()
 
 
 def _wake() -> None:
