@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = _modes(args.modes)
     model = _model_path(args.model)
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    threads = args.threads or len(os.sched_getaffinity(0))
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     record = _run_all(args, modes, model, threads, levels)
     record["argv"] = list(sys.argv[1:] if argv is None else argv)
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--short-tokens", type=int, default=16)
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of every mode (default: half the cores, as the worker)")
+                        help="torch threads of every mode (default: every usable core, torch's own default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     return parser
 

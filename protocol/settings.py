@@ -70,6 +70,10 @@ class FarmSettings:
     torch_threads: int = 0
     """Torch intra-op threads of a worker; 0 picks half the CPU cores (at least 1), which leaves
     cores for Redis, Celery and clients: two threads on two busy cores ran 5-20x slower."""
+    cpu_prepack: int = 1
+    """1: on the CPU, float32 ``nn.Linear`` weights are also packed once for oneDNN, which runs the
+    few rows of a decode step ~2x faster than stock matmul (README "Performance"); costs a second
+    copy of those weights in RAM. 0: stock torch matmul only."""
     max_prompt_chars: int = 16000
     """Longest prompt (or chat, all messages) in characters, checked before enqueueing."""
     max_prompt_tokens: int = 2048

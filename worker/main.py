@@ -101,7 +101,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
 def _worker_info(settings: FarmSettings, plan: WorkerPlan, loaded: Any, name: str,
                  load_seconds: float) -> dict[str, Any]:
     return {"name": name, "device": plan.device, "cuda_visible_devices": plan.env.get("CUDA_VISIBLE_DEVICES", ""),
-            "model": loaded.name, "quant": loaded.quant, "adapters": settings.adapter_names(),
+            "model": loaded.name, "quant": loaded.quant, "packed_layers": loaded.packed_layers,
+            "adapters": settings.adapter_names(),
             "strategy": settings.strategy, "max_batch_size": settings.max_batch_size,
             "load_seconds": round(load_seconds, 2), "ready": True, "started_at": time.time()}
 

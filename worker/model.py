@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from protocol.settings import BASE_ADAPTER, FarmSettings
+from worker.prepack import prepack_linears
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class LoadedModel:
     adapters: list[str] = field(default_factory=list)
     """Loaded LoRA adapter names (``base`` excluded)."""
     default_adapter: str = BASE_ADAPTER
+    packed_layers: int = 0
+    """Linear layers running on oneDNN-packed weights (``FARM_CPU_PREPACK``)."""
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -54,13 +57,15 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
     if settings.quant == "none":
         model.to(target)
     model.eval()
+    # Before peft wraps the layers: only base weights are packed, LoRA's small ones stay stock.
+    packed = prepack_linears(model) if settings.cpu_prepack and target.type == "cpu" else 0
     adapters = settings.adapter_paths()
     if adapters:
         model = _attach_adapters(model, adapters)
     default = "default" if "default" in adapters else BASE_ADAPTER
-    log.info("loaded %s (quant=%s, adapters=%s) on %s", settings.model, settings.quant,
-             list(adapters) or "none", target)
-    return LoadedModel(model, tokenizer, target, settings.model, settings.quant, list(adapters), default)
+    log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d) on %s", settings.model,
+             settings.quant, list(adapters) or "none", packed, target)
+    return LoadedModel(model, tokenizer, target, settings.model, settings.quant, list(adapters), default, packed)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
