@@ -1,8 +1,11 @@
-"""oneDNN weight prepacking (``FARM_CPU_PREPACK``): the real tiny model, with and without LoRA, gives
-the same greedy tokens and (to float rounding) the same logits as stock transformers/peft."""
+"""oneDNN weight prepacking (``FARM_CPU_PREPACK``): the real tiny model, with and without LoRA
+adapters (one, mixed in a batch, loaded at run time), gives the same greedy tokens and, to float
+rounding, the same logits as stock transformers/peft."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import torch
@@ -10,79 +13,134 @@ from transformers import AutoModelForCausalLM
 
 from protocol.settings import FarmSettings
 from tests.test_core import PROMPTS
-from worker.model import load_model
-from worker.prepack import PACKED_MAX_ROWS, is_packed, prepack_linears
+from worker.model import load_adapter, load_model
+from worker.prepack import PACKED_MAX_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
+
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
 
-def _stock(model_dir: Path, adapter: Path | None = None) -> torch.nn.Module:
+def _stock(model_dir: Path, adapters: dict[str, Path] | None = None) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter is not None:
+    if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).eval()
+        (first, path), *rest = adapters.items()
+        model = PeftModel.from_pretrained(model, path, adapter_name=first)
+        for name, more in rest:
+            model.load_adapter(more, adapter_name=name)
+        model.eval()
     return model
 
 
-def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+def _logits(model: torch.nn.Module, ids: dict[str, torch.Tensor], **kwargs: object) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**ids, **kwargs).logits
 
 
 def test_every_base_linear_is_packed_and_greedy_tokens_equal_stock(tiny_model: Path) -> None:
     loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters=""), "cpu")
     stock = _stock(tiny_model)
-    linears = _linears(loaded.model)
-    assert loaded.packed_layers == len(linears) == len(_linears(stock)) > 0
-    assert all(is_packed(m) for m in linears)
+    stock_linears = [m for m in stock.modules() if type(m) is torch.nn.Linear]
+    assert loaded.packed_layers == len(stock_linears) > 0
+    assert all(is_packed(m) for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
     for prompt in PROMPTS[:4]:
         ids = loaded.tokenizer(prompt, return_tensors="pt")
+        torch.testing.assert_close(_logits(loaded.model, ids), _logits(stock, ids), **CLOSE)
         with torch.inference_mode():
-            packed_logits = loaded.model(**ids).logits
-            stock_logits = stock(**ids).logits
             packed_out = loaded.model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
             stock_out = stock.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=None)
-        torch.testing.assert_close(packed_logits, stock_logits, rtol=1e-4, atol=1e-4)
         assert packed_out.tolist() == stock_out.tolist()
 
 
-def test_lora_adapters_wrap_packed_layers_and_match_stock_peft(tiny_model: Path) -> None:
-    loaded = load_model(FarmSettings(model=str(tiny_model), adapter=str(tiny_model / "adapter"), adapters=""), "cpu")
-    stock = _stock(tiny_model, tiny_model / "adapter")
+def test_lora_adapters_alone_mixed_and_loaded_at_run_time_match_stock_peft(tiny_model: Path) -> None:
+    adapters = {"default": tiny_model / "adapter", "second": tiny_model / "adapter2"}
+    loaded = load_model(FarmSettings(model=str(tiny_model), adapter=str(adapters["default"]), adapters=""), "cpu")
     lora_layers = [m for m in loaded.model.modules() if hasattr(m, "lora_A")]
     assert lora_layers and all(is_packed(m.base_layer) for m in lora_layers)
     # LoRA's own small matrices are added after packing and stay stock.
     assert not any(is_packed(a) for m in lora_layers for a in m.lora_A.values())
-    ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt")
-    with torch.inference_mode():
-        with_lora = loaded.model(**ids).logits
-        torch.testing.assert_close(with_lora, stock(**ids).logits, rtol=1e-4, atol=1e-4)
-        with loaded.model.disable_adapter():
-            without = loaded.model(**ids).logits
-    assert (with_lora - without).abs().max() > 1e-3  # the adapter still acts on the packed base
+    load_adapter(loaded, "second", str(adapters["second"]))  # into the running, packed model
+    stock = _stock(tiny_model, adapters)
+    prompts = PROMPTS[:3]
+    ids = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
+    for name in adapters:
+        loaded.model.set_adapter(name)
+        stock.set_adapter(name)
+        torch.testing.assert_close(_logits(loaded.model, ids), _logits(stock, ids), **CLOSE)
+    # One batch, one adapter per row (peft's adapter_names), as the engine runs mixed batches.
+    names = ["default", "second", "__base__"]
+    mixed = _logits(loaded.model, ids, adapter_names=names)
+    torch.testing.assert_close(mixed, _logits(stock, ids, adapter_names=names), **CLOSE)
+    with loaded.model.disable_adapter():
+        without = _logits(loaded.model, ids)
+    assert (mixed[0] - without[0]).abs().max() > 1e-3  # the adapter still acts on the packed base
+    torch.testing.assert_close(mixed[2], without[2], **CLOSE)
 
 
 def test_prepack_off_leaves_stock_layers(tiny_model: Path) -> None:
     loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters="", cpu_prepack=0), "cpu")
     assert loaded.packed_layers == 0
-    assert not any(is_packed(m) for m in loaded.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
 
 
 class _QuantizedLike(torch.nn.Linear):
     """Stands for bitsandbytes' Linear8bitLt / Linear4bit, which subclass ``nn.Linear``."""
 
 
-def test_only_plain_float32_linears_are_packed_and_training_uses_stock_weights() -> None:
-    torch.manual_seed(0)
+def _stock_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+
+def test_only_plain_float32_linears_are_packed() -> None:
+    hooked = torch.nn.Linear(16, 4)
+    hooked.forward = lambda x: x  # type: ignore[method-assign]  # e.g. accelerate's hook
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), _QuantizedLike(16, 16),
-                                torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(16, 4))
+                                torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(16, 4), hooked)
     assert prepack_linears(model) == 2
-    assert [is_packed(m) for m in model] == [True, False, False, True]
-    assert prepack_linears(model) == 0  # packing twice is a no-op
-    x = torch.randn(5, 8)
+    assert [is_packed(m) for m in model] == [True, False, False, True, False]
+    assert prepack_linears(model) == 2  # packing again repacks the same layers
+
+
+def test_packed_weight_serves_small_inference_inputs_only() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 16)
+    assert prepack_linears(layer) == 1
+    small, tall = torch.randn(3, PACKED_MAX_ROWS // 3, 8), torch.randn(PACKED_MAX_ROWS + 1, 8)
     with torch.inference_mode():
-        torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
-        # More rows than PACKED_MAX_ROWS (a long prefill) take stock matmul: bit for bit its result.
-        tall = torch.randn(2, PACKED_MAX_ROWS, 8)
-        assert torch.equal(model[0](tall), torch.nn.functional.linear(tall, model[0].weight, model[0].bias))
-    # With autograd on, the stock weights run (gradients reach the parameters).
-    model[0](x).sum().backward()
-    assert model[0].weight.grad is not None
+        torch.testing.assert_close(layer(small), _stock_linear(layer, small))
+        # Which weight serves which input: a packed copy of 2W tells them apart.
+        layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach() * 2, None)
+        torch.testing.assert_close(layer(small), small @ (2 * layer.weight).T + layer.bias)
+        assert torch.equal(layer(tall), _stock_linear(layer, tall))  # a long prefill: stock matmul
+    # With autograd on, the stock weights run and gradients reach the parameters.
+    assert torch.equal(layer(small), _stock_linear(layer, small))
+    layer(small).sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_weights_changed_after_packing_and_copies_run_stock() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 16)
+    prepack_linears(layer)
+    x = torch.randn(4, 8)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(clone, torch.nn.Linear) and not is_packed(clone)
+        with torch.no_grad():
+            clone.weight.mul_(2)
+            assert torch.equal(clone(x), _stock_linear(clone, x))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _stock_linear(layer, x))  # the original is untouched
+        layer.weight.copy_(torch.randn(16, 8))  # e.g. load_state_dict: the packed copy is stale
+        assert torch.equal(layer(x), _stock_linear(layer, x))
+        assert prepack_linears(layer) == 1 and is_packed(layer)  # repacked from the new weight
+        torch.testing.assert_close(layer(x), _stock_linear(layer, x))
+        layer.weight.data += 1  # unseen (as peft's merge_adapter): stale until the caller repacks
+        assert not torch.allclose(layer(x), _stock_linear(layer, x))
+        assert prepack_linears(layer) == 1
+        torch.testing.assert_close(layer(x), _stock_linear(layer, x))
+
+
+def test_row_counts_are_bucketed_to_few_kernel_shapes() -> None:
+    buckets = [row_bucket(rows) for rows in range(1, PACKED_MAX_ROWS + 1)]
+    assert buckets[:5] == [1, 2, 3, 4, 8] and buckets[15:17] == [16, 24] and buckets[-1] == PACKED_MAX_ROWS
+    assert all(b >= r for r, b in enumerate(buckets, start=1)) and len(set(buckets)) == 12

@@ -4,17 +4,23 @@ torch's CPU ``linear`` calls MKL's sgemm on the row-major weight at every step. 
 of a decode step (one per request in the batch) that runs far below the core's peak: measured on
 this 2-core AVX-512 machine, 36 weights of the 100M bench model with 16 rows took 39 ms on one
 thread with MKL and 22 ms with the weight reordered once into oneDNN's blocked layout (27 vs 14 ms
-on two threads; 1.3x faster for a 478-token prefill). This is the same packing torch's own
-inductor does when it freezes a model for the CPU; here it is applied to an eager model, so
-peft's LoRA layers, adapters loaded at run time and ``generate`` keep working unchanged.
+on two threads; 1.3x faster for a 478-token prefill). The ops are the ones torch's inductor calls
+for a oneDNN linear (``mkldnn._reorder_linear_weight`` / ``mkldnn._linear_pointwise``); here they
+serve an eager model, so peft's LoRA layers, adapters loaded at run time and ``generate`` keep
+working unchanged.
 
-Inputs of up to ``PACKED_MAX_ROWS`` rows use the packed weight (every decode step of up to 64
-requests); longer ones, such as long prompts' prefill, take stock matmul, which bounds the memory
-of oneDNN's per-shape kernel caches. Each plain ``nn.Linear`` with float32 weights on the CPU
-keeps its parameters (peft, state dicts and adapter loading read them) and gets a packed copy
-that its ``forward`` uses: the packed layers' weights are held twice in RAM. Quantized layers
-(bitsandbytes subclasses), other dtypes and GPU devices are left alone. Results equal stock
-``linear`` to float32 rounding (~1e-6); a layer whose packed result differs more stays stock.
+Each plain ``nn.Linear`` with float32 weights on the CPU becomes a ``PackedLinear`` (a subclass:
+peft and ``isinstance`` see a Linear), keeping its parameters and holding a packed copy of the
+weight that inference inputs of up to ``PACKED_MAX_ROWS`` rows use (every decode step of up to 64
+requests); longer inputs, such as long prompts' prefill, take stock matmul, which bounds the memory
+of oneDNN's per-shape kernel caches. Packed layers hold their weights twice in RAM. Quantized layers
+(bitsandbytes subclasses), other dtypes, GPU devices and layers with hooks on ``forward`` are left
+alone. A copy or pickle of a packed layer carries no packed weight and runs stock; so does a layer
+whose weight was replaced or written in place through autograd-visible ops after packing (writes
+through ``.data``, such as peft's ``merge_adapter``, are not seen: call ``prepack_linears`` again
+after merging, which repacks packed layers from their weights). Results equal stock ``linear`` to
+float32 rounding (~2e-6); a layer whose packed result differs by more than ``TOLERANCE`` on its
+self-check stays stock.
 """
 
 from __future__ import annotations
@@ -28,9 +34,14 @@ log = logging.getLogger(__name__)
 
 PACKED_MAX_ROWS = 64
 """Inputs of at most this many rows (tokens) use the packed weight: decode steps, small prefills.
-oneDNN keeps a compiled kernel (~0.6 MB here) per input shape in two LRU caches of 1024 entries
-each; prompts of every length would fill them with ~1 GB (measured), while rows up to 64 bound
-them to ~64 shapes per weight shape. Larger inputs gain less (1.3x) and take stock matmul."""
+oneDNN compiles a kernel (~0.6 MB here) per input shape and keeps it in two LRU caches of 1024
+entries each: prompts of every length filled them to 1.6 GB in a test loop. Inputs are therefore
+padded to a few row counts (``row_bucket``) and longer ones, which gain less (1.3x), take stock
+matmul: at most 12 kernels per weight shape."""
+
+ROW_STEP = 8
+"""Row counts above 4 are padded up to a multiple of this (a few zero rows cost little: a small
+decode step's time is in streaming the weight, not in its rows)."""
 
 TOLERANCE = 1e-4
 """Largest relative difference from stock ``linear`` accepted in the self-check of each layer."""
@@ -44,7 +55,8 @@ def available() -> bool:
 
 
 def prepack_linears(model: torch.nn.Module) -> int:
-    """Give every eligible ``nn.Linear`` of ``model`` a oneDNN-packed forward; returns how many."""
+    """Pack every eligible ``nn.Linear`` of ``model`` for oneDNN (layers packed before are packed
+    again from their current weights); returns how many are packed."""
     if not available():
         log.info("oneDNN linear packing is not available in this torch build; stock matmul")
         return 0
@@ -52,7 +64,7 @@ def prepack_linears(model: torch.nn.Module) -> int:
     for name, module in model.named_modules():
         if not _eligible(module):
             continue
-        if _pack(module):
+        if PackedLinear.pack(module):
             packed += 1
         else:
             log.warning("layer %s left unpacked: its packed result differs from stock linear", name)
@@ -60,40 +72,76 @@ def prepack_linears(model: torch.nn.Module) -> int:
 
 
 def is_packed(module: torch.nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), _PackedForward)
+    return isinstance(module, PackedLinear) and module.__dict__.get("_packed") is not None
 
 
 def _eligible(module: torch.nn.Module) -> bool:
     # Exactly nn.Linear: bitsandbytes' Linear8bitLt/Linear4bit subclass it and must keep their own.
-    if type(module) is not torch.nn.Linear or is_packed(module):
+    # A forward set on the instance (accelerate's hooks) would bypass the packed one: left alone.
+    if type(module) not in (torch.nn.Linear, PackedLinear) or "forward" in module.__dict__:
         return False
     weight = module.weight
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
 
 
-def _pack(module: torch.nn.Linear) -> bool:
-    with torch.inference_mode():
-        forward = _PackedForward(module, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None))
-        probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
-        expected = torch.nn.functional.linear(probe, module.weight, module.bias)
-        error = (forward(probe) - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
-    if not bool(error <= TOLERANCE):
-        return False
-    module.forward = forward  # type: ignore[method-assign]
-    return True
+class PackedLinear(torch.nn.Linear):
+    """An ``nn.Linear`` that also holds its weight packed for oneDNN and uses it for inference."""
+
+    _packed: torch.Tensor | None
+    _packed_from: tuple[int, int, int]
+    """The weight's (id, data pointer, version) when packed: the packed copy is stale otherwise."""
+
+    @classmethod
+    def pack(cls, module: torch.nn.Linear) -> bool:
+        """Turn ``module`` into a ``PackedLinear`` if its packed results match stock ``linear``."""
+        weight = module.weight
+        with torch.inference_mode():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            bias = module.bias.detach() if module.bias is not None else None
+            for rows in (1, ROW_STEP, PACKED_MAX_ROWS):
+                probe = torch.randn(rows, module.in_features, generator=torch.Generator().manual_seed(rows))
+                expected = torch.nn.functional.linear(probe, weight, module.bias)
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                if not bool((got - expected).abs().max() <= TOLERANCE * expected.abs().max().clamp_min(1e-12)):
+                    return False
+        module.__class__ = cls
+        module._packed = packed
+        module._packed_from = _identity(weight)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_packed")
+        if packed is None or not self._usable(x) or _identity(self.weight) != self._packed_from:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        bias = self.bias.detach() if self.bias is not None else None
+        rows, features = x.numel() // x.shape[-1], x.shape[-1]
+        flat, bucket = x.reshape(rows, features), row_bucket(rows)
+        if bucket != rows:
+            flat = torch.cat([flat, flat.new_zeros(bucket - rows, features)])
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _usable(x: torch.Tensor) -> bool:
+        # Small float32 inference inputs only: training, autocast, a cast input, oneDNN switched off
+        # (torch.backends.mkldnn.flags) or a long prefill take stock matmul.
+        return (x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and x.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy (peft's modules_to_save, layer replication) and pickle: the copy runs stock, as
+        # its weight may be trained or loaded apart from this one's packed copy.
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        return state
 
 
-class _PackedForward:
-    """``forward`` of one packed ``nn.Linear``: oneDNN on the packed weight, the module's bias."""
+def row_bucket(rows: int) -> int:
+    """The row count a packed layer computes for ``rows`` input rows: 1-4 as they are, more
+    rounded up to a multiple of ``ROW_STEP`` (so at most 12 shapes up to ``PACKED_MAX_ROWS``)."""
+    return rows if rows <= 4 else -(-rows // ROW_STEP) * ROW_STEP
 
-    def __init__(self, module: torch.nn.Linear, packed: torch.Tensor) -> None:
-        self.module, self.packed = module, packed
 
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if rows > PACKED_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
-            # Only small float32 inference inputs use the packed weight (training, a cast input or
-            # a long prefill: stock).
-            return torch.nn.functional.linear(x, self.module.weight, self.module.bias)
-        bias = self.module.bias.detach() if self.module.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+def _identity(weight: torch.Tensor) -> tuple[int, int, int]:
+    return id(weight), weight.data_ptr(), weight._version
