@@ -28,14 +28,24 @@ PROMPTS = [
 ]
 
 
+def stock_model(model_dir: Path, adapters: dict[str, Path] | None = None) -> torch.nn.Module:
+    """The model through plain transformers (fp32, eval), with peft LoRA adapters by name."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapters:
+        from peft import PeftModel
+
+        (first, path), *rest = adapters.items()
+        model = PeftModel.from_pretrained(model, path, adapter_name=first)
+        for name, more in rest:
+            model.load_adapter(more, adapter_name=name)
+        model.eval()
+    return model
+
+
 def reference_text(model_dir: Path, prompt: str, max_new_tokens: int, adapter: Path | None = None) -> str:
     """The prompt alone through plain transformers ``generate`` (greedy, batch of one)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
+    model = stock_model(model_dir, {"default": adapter} if adapter is not None else None)
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)

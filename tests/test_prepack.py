@@ -9,27 +9,12 @@ import pickle
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from protocol.settings import FarmSettings
-from tests.test_core import PROMPTS
+from tests.test_core import PROMPTS, stock_model
 from worker.model import load_adapter, load_model
 from worker.prepack import PACKED_MAX_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def _stock(model_dir: Path, adapters: dict[str, Path] | None = None) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapters:
-        from peft import PeftModel
-
-        (first, path), *rest = adapters.items()
-        model = PeftModel.from_pretrained(model, path, adapter_name=first)
-        for name, more in rest:
-            model.load_adapter(more, adapter_name=name)
-        model.eval()
-    return model
 
 
 def _logits(model: torch.nn.Module, ids: dict[str, torch.Tensor], **kwargs: object) -> torch.Tensor:
@@ -39,7 +24,7 @@ def _logits(model: torch.nn.Module, ids: dict[str, torch.Tensor], **kwargs: obje
 
 def test_every_base_linear_is_packed_and_greedy_tokens_equal_stock(tiny_model: Path) -> None:
     loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters=""), "cpu")
-    stock = _stock(tiny_model)
+    stock = stock_model(tiny_model)
     stock_linears = [m for m in stock.modules() if type(m) is torch.nn.Linear]
     assert loaded.packed_layers == len(stock_linears) > 0
     assert all(is_packed(m) for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
@@ -60,7 +45,7 @@ def test_lora_adapters_alone_mixed_and_loaded_at_run_time_match_stock_peft(tiny_
     # LoRA's own small matrices are added after packing and stay stock.
     assert not any(is_packed(a) for m in lora_layers for a in m.lora_A.values())
     load_adapter(loaded, "second", str(adapters["second"]))  # into the running, packed model
-    stock = _stock(tiny_model, adapters)
+    stock = stock_model(tiny_model, adapters)
     prompts = PROMPTS[:3]
     ids = loaded.tokenizer(prompts, return_tensors="pt", padding=True)
     for name in adapters:

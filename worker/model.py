@@ -58,7 +58,7 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
         model.to(target)
     model.eval()
     # Before peft wraps the layers: only base weights are packed, LoRA's small ones stay stock.
-    packed = prepack_linears(model) if settings.cpu_prepack and target.type == "cpu" else 0
+    packed = prepack_linears(model) if settings.cpu_prepack else 0  # CPU float32 layers only
     adapters = settings.adapter_paths()
     if adapters:
         model = _attach_adapters(model, adapters)

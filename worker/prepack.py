@@ -84,8 +84,7 @@ def _eligible(module: torch.nn.Module) -> bool:
     # A forward set on the instance (accelerate's hooks) would bypass the packed one: left alone.
     if type(module) not in (torch.nn.Linear, PackedLinear) or "forward" in module.__dict__:
         return False
-    weight = module.weight
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    return module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
 
 
 class PackedLinear(torch.nn.Linear):
@@ -100,12 +99,11 @@ class PackedLinear(torch.nn.Linear):
         """Turn ``module`` into a ``PackedLinear`` if its packed results match stock ``linear``."""
         weight = module.weight
         with torch.inference_mode():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            bias = module.bias.detach() if module.bias is not None else None
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             for rows in (1, ROW_STEP, PACKED_MAX_ROWS):
                 probe = torch.randn(rows, module.in_features, generator=torch.Generator().manual_seed(rows))
                 expected = torch.nn.functional.linear(probe, weight, module.bias)
-                got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, module.bias, "none", [], "")
                 if not bool((got - expected).abs().max() <= TOLERANCE * expected.abs().max().clamp_min(1e-12)):
                     return False
         module.__class__ = cls
@@ -117,7 +115,7 @@ class PackedLinear(torch.nn.Linear):
         # On every layer of every step: plain attribute reads and C calls only (~20 us per call
         # with more Python here was 4% of a decode step).
         packed, weight = self.__dict__.get("_packed"), self._parameters["weight"]
-        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        rows = x.numel() // x.shape[-1]
         if (packed is None or rows > PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not torch._C._get_mkldnn_enabled()
                 or weight is not self._packed_from[0] or weight._version != self._packed_from[1]
@@ -125,8 +123,8 @@ class PackedLinear(torch.nn.Linear):
             # Training, autocast, a cast input, oneDNN switched off (torch.backends.mkldnn.flags),
             # a long prefill, or a weight replaced or written since packing: stock matmul.
             return torch.nn.functional.linear(x, weight, self.bias)
-        bias = self.bias.detach() if self.bias is not None else None
-        bucket = row_bucket(rows)
+        # Grad is off here (checked above), so the bias parameter goes in as it is.
+        bias, bucket = self.bias, row_bucket(rows)
         if bucket == rows:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         flat = torch.nn.functional.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows))
