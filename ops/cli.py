@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("producer.cli", "generate one completion and stream it to the terminal"),
     "status": ("ops.status", "Redis, workers, queues and batch stats in one screen"),
     "ui": ("ui.app", "start the Gradio UI only"),
+    "api": ("api.main", "start the OpenAI-compatible HTTP API (/v1) only"),
     "flower": ("ops.flower", "start Flower (monitoring) for the farm"),
     "bench": ("bench.__main__", "benchmark the farm against the baselines"),
     "test": ("ops.testing", "lint and run the test suite (what CI runs)"),

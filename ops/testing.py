@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 LINT = [sys.executable, "-m", "ruff", "check", "."]
-TYPES = [sys.executable, "-m", "mypy", "protocol", "producer"]
+TYPES = [sys.executable, "-m", "mypy", "protocol", "producer", "api"]
 PYTEST = [sys.executable, "-m", "pytest", "tests"]
 
 

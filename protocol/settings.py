@@ -109,6 +109,22 @@ class FarmSettings:
     queue; also the size of the UI's own (Gradio) queue."""
     flower_auth: str = ""
     """``user:pass`` for Flower's basic auth (required when Flower binds beyond loopback)."""
+    api_host: str = "127.0.0.1"
+    """Address ``farm api`` (the OpenAI-compatible HTTP API) binds; beyond loopback it requires
+    ``FARM_API_KEYS`` or ``FARM_API_KEYS_FILE``."""
+    api_port: int = 8000
+    """Port of ``farm api``; its base URL is ``http://HOST:PORT/v1``."""
+    api_keys: str = field(default="", repr=False)
+    """Comma-separated bearer keys of ``farm api``; with keys set, every endpoint but ``/health``
+    needs one. Empty (and no keys file): no keys, loopback only."""
+    api_keys_file: str = ""
+    """A file of ``farm api`` keys, one a line (``#`` comments), added to ``FARM_API_KEYS``."""
+    api_key_concurrency: int = 0
+    """Most requests one key may have in flight at once across all API replicas; 0: no limit."""
+    api_key_rpm: int = 0
+    """Most requests one key may start per minute across all API replicas; 0: no limit."""
+    api_max_queue: int = 256
+    """Most requests waiting in the interactive queue before ``farm api`` answers 429."""
     job_window: int = 256
     """Most messages of one bulk job outstanding in Redis at once."""
     count_executions: int = 0
@@ -135,7 +151,7 @@ class FarmSettings:
         _check_choice("template", self.template, TEMPLATE_CHOICES)
         _check_choice("strategy", self.strategy, STRATEGY_CHOICES)
         for name in ("max_batch_size", "max_batch_tokens", "max_inflight", "max_new_tokens",
-                     "max_prompt_tokens", "max_prompt_chars", "job_window"):
+                     "max_prompt_tokens", "max_prompt_chars", "job_window", "api_max_queue"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"FARM_{name.upper()} must be at least 1")
         self.adapter_paths()

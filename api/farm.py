@@ -1,0 +1,157 @@
+"""The API's one seam to the farm: every call that touches the farm (its Redis, its Celery app,
+its heartbeats) is here, on ``FarmClient``'s public API and ``protocol`` only.
+
+Blocking ``FarmClient`` calls (enqueueing through Celery, reading a stored result) run on the
+event loop's thread pool; they are short. Waiting is not: each request's Redis stream is followed
+with ``redis.asyncio`` (``XREAD BLOCK``), so an idle connection costs a coroutine, not a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import PurePath
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from producer import FarmClient
+from protocol.errors import ErrorCode, FarmUnavailable
+from protocol.names import INTERACTIVE_QUEUE, stream_key
+from protocol.schema import GenerationRequest, GenerationResult, Limits
+from protocol.settings import FarmSettings
+
+T = TypeVar("T")
+WORKERS_TTL = 1.0
+"""Seconds a heartbeat scan is reused: a burst of requests costs one scan, not one each."""
+BLOCK_MS = 1000
+"""Longest wait on the streams before the caller checks its client is still there."""
+RESULT_TIMEOUT = 60.0
+"""The stored result follows the stream's end event by milliseconds; this only bounds a bug."""
+ADAPTER_SEPARATOR = ":"
+
+
+class Farm:
+    """One per API process; shared by all its connections."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self.client = FarmClient(settings=settings)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        """Streams and the per-key counters (``api.keys``)."""
+        self._workers: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # --- the farm's state -------------------------------------------------------------------
+    async def workers(self) -> list[dict[str, Any]]:
+        """Heartbeats of the ready workers (cached for ``WORKERS_TTL``)."""
+        at, cached = self._workers
+        if time.monotonic() - at < WORKERS_TTL:
+            return cached
+        fresh = [w for w in await _blocking(self.client.workers) if w.get("ready")]
+        self._workers = (time.monotonic(), fresh)
+        return fresh
+
+    async def queue_depth(self) -> int:
+        depths = await _blocking(self.client.queue_depths)
+        return depths[INTERACTIVE_QUEUE]
+
+    async def ping(self) -> None:
+        await _reachable(self.settings, self.redis.ping())
+
+    def limits(self, workers: list[dict[str, Any]]) -> Limits:
+        adapters = sorted({a for w in workers for a in w.get("adapters", [])})
+        return Limits.from_settings(self.settings, adapters or None)
+
+    # --- requests -----------------------------------------------------------------------------
+    async def send(self, requests: list[GenerationRequest]) -> list[str]:
+        """Enqueue validated requests on the interactive queue; their request ids."""
+        def send_all() -> list[str]:
+            return [self.client.send(r).id for r in requests]
+        return await _blocking(send_all)
+
+    async def cancel(self, request_ids: list[str]) -> None:
+        def cancel_all() -> None:
+            for request_id in request_ids:
+                self.client.cancel(request_id)
+        await _blocking(cancel_all)
+
+    async def results(self, request_ids: list[str]) -> list[GenerationResult]:
+        def read_all() -> list[GenerationResult]:
+            return [self.client.handle(r).result(RESULT_TIMEOUT) for r in request_ids]
+        return await _blocking(read_all)
+
+    async def events(self, request_ids: list[str]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """``(index, event)`` from the requests' streams, in order per request, until every one
+        has ended; ``(-1, {"type": "idle"})`` after each ``BLOCK_MS`` without events. A request
+        refused by its worker before it reached a batch has no stream: its result ends it."""
+        cursors = {i: "0" for i in range(len(request_ids))}
+        while cursors:
+            streams: dict[Any, Any] = {stream_key(request_ids[i]): after for i, after in cursors.items()}
+            reply = await _reachable(self.settings, self.redis.xread(streams, count=1000, block=BLOCK_MS))
+            if not reply:
+                for i in await self._finished_silently(request_ids, list(cursors)):
+                    del cursors[i]
+                    yield i, {"type": "end", "finish_reason": None}
+                yield -1, {"type": "idle"}
+                continue
+            for i, event_id, event in _parse(reply, request_ids):
+                cursors[i] = event_id
+                if event.get("type") == "end":
+                    del cursors[i]
+                yield i, event
+
+    async def _finished_silently(self, request_ids: list[str], waiting: list[int]) -> list[int]:
+        def stored() -> list[int]:
+            return [i for i in waiting if self.client.task_meta(request_ids[i]).get("status") in FINAL_STATES]
+        return await _blocking(stored)
+
+
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def served_models(workers: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Model ids the workers serve, each with the adapter a request for it asks for: the model
+    (the last part of its path, until model routing names models) with the farm's default
+    adapter, and ``model:adapter`` for each adapter the workers offer."""
+    served: dict[str, str | None] = {}
+    for worker in workers:
+        model = model_id(str(worker.get("model", "")))
+        served.setdefault(model, None)
+        for adapter in worker.get("adapters", []):
+            served.setdefault(f"{model}{ADAPTER_SEPARATOR}{adapter}", str(adapter))
+    return served
+
+
+def model_id(path: str) -> str:
+    return PurePath(path.rstrip("/")).name or path or "model"
+
+
+def _parse(reply: Any, request_ids: list[str]) -> list[tuple[int, str, dict[str, Any]]]:
+    index = {stream_key(r): i for i, r in enumerate(request_ids)}
+    out = []
+    for key, entries in reply:
+        i = index[_text(key)]
+        out += [(i, _text(eid), json.loads(fields[b"event"])) for eid, fields in entries]
+    return out
+
+
+async def _blocking(call: Callable[[], T]) -> T:
+    return await asyncio.to_thread(call)
+
+
+async def _reachable(settings: FarmSettings, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise FarmUnavailable(ErrorCode.REDIS_UNREACHABLE, (
+            f"Redis at {settings.redacted_redis_url()} is unreachable ({error})")) from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
