@@ -138,6 +138,10 @@ def create_app(settings: FarmSettings, keys: Keys) -> FastAPI:
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
         return error_response(ApiError(error.status_code, str(error.detail), None, None))
 
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, error: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return error_response(ApiError(500, f"internal error: {type(error).__name__}", None, ErrorCode.INTERNAL.value))
+
     return app
 
 

@@ -85,19 +85,13 @@ class KeyLimits:
         """Count one request of ``key``, or ``ApiError(429)`` with ``Retry-After``."""
         if not key:
             return None
-        if self.rpm:
-            recent = Lease(f"{PREFIX}api:started:{key}", uuid.uuid4().hex)
-            count, oldest = await self._count(recent, WINDOW_SECONDS)
-            if count > self.rpm:
-                await self.release(recent)
-                raise ApiError(429, f"this key started {self.rpm} requests in the last minute, its "
-                               "limit (FARM_API_KEY_RPM)", None, "rate_limit_exceeded",
-                               retry_after=max(1, math.ceil(oldest + WINDOW_SECONDS - time.time())))
+        started = await self._per_minute(key) if self.rpm else None
         if not self.concurrency:
             return None
         lease = Lease(f"{PREFIX}api:inflight:{key}", uuid.uuid4().hex)
         if (await self._count(lease, LEASE_SECONDS))[0] > self.concurrency:
             await self.release(lease)
+            await self.release(started)
             raise ApiError(429, f"this key has {self.concurrency} requests in flight, its limit "
                            "(FARM_API_KEY_CONCURRENCY); retry when one ends", None,
                            "concurrency_limit_exceeded", retry_after=1)
@@ -106,6 +100,16 @@ class KeyLimits:
     async def release(self, lease: Lease | None) -> None:
         if lease is not None:
             await self.client.zrem(lease.key, lease.member)
+
+    async def _per_minute(self, key: str) -> Lease:
+        started = Lease(f"{PREFIX}api:started:{key}", uuid.uuid4().hex)
+        count, oldest = await self._count(started, WINDOW_SECONDS)
+        if count > self.rpm:
+            await self.release(started)
+            raise ApiError(429, f"this key started {self.rpm} requests in the last minute, its "
+                           "limit (FARM_API_KEY_RPM)", None, "rate_limit_exceeded",
+                           retry_after=max(1, math.ceil(oldest + WINDOW_SECONDS - time.time())))
+        return started
 
     async def _count(self, lease: Lease, window: float) -> tuple[int, float]:
         """Add ``lease`` to its set (members scored by start time, older than ``window``

@@ -37,7 +37,7 @@ class ApiServer:
         stop_process(self.process)
 
 
-def start_api(redis_url: str, logdir: Path, **settings: object) -> ApiServer:
+def start_api(redis_url: str, logdir: Path, *args: str, **settings: object) -> ApiServer:
     """``farm api`` on a free loopback port; returns once ``/health`` answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_url, "FARM_API_PORT": str(port)}
@@ -45,7 +45,7 @@ def start_api(redis_url: str, logdir: Path, **settings: object) -> ApiServer:
     logdir.mkdir(parents=True, exist_ok=True)
     log_path = logdir / f"api-{port}-{int(time.time() * 1000)}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "api.main", "--log-level", "info"],
+        process = subprocess.Popen([sys.executable, "-m", "api.main", "--log-level", "info", *args],
                                    env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = ApiServer(port, process, log_path)
     try:
