@@ -3,6 +3,7 @@ then wait for their results or stream their text."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,10 @@ from api.translate import ApiCall
 from protocol.errors import ErrorCode, RequestError
 from protocol.schema import GenerationRequest, GenerationResult
 from protocol.settings import FarmSettings
+
+
+DISCONNECT_CHECK_S = 0.5
+"""How often a request that does not stream checks its client is still waiting."""
 
 
 class Service:
@@ -54,10 +59,13 @@ class Service:
 
     async def complete(self, call: ApiCall, request_ids: list[str], request: Request) -> dict[str, Any] | None:
         """The whole answer; ``None`` when the client left first (its requests are cancelled)."""
+        checked = time.monotonic()
         async with _cancelled_unless_finished(self.farm, request_ids) as guard:
-            async for index, _event in self.farm.events(request_ids):
-                if index < 0 and await request.is_disconnected():
-                    return None
+            async for _index, _event in self.farm.events(request_ids):
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return None
             results = await self.farm.results(request_ids)
             guard.finished = True
         for result in results:

@@ -12,7 +12,7 @@ import pytest
 from bench.procs import free_port
 from producer import FarmClient
 from tests.api_server import ApiServer, start_api
-from tests.conftest import RedisServer, WorkerProcess
+from tests.conftest import RedisServer, WorkerProcess, wait_until
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 LONG = {"max_tokens": 1024, "extra_body": {"ignore_eos": True}}
@@ -197,3 +197,18 @@ def test_metrics_count_requests_by_endpoint_model_and_status(oai: openai.OpenAI,
     assert 'farm_api_errors_total{code="model_not_found",endpoint="/v1/completions",model="-",status="404"}' in text
     assert 'farm_api_first_byte_seconds_count' in text and "farm_api_request_seconds_bucket" in text
 
+
+
+def test_a_client_that_gives_up_waiting_cancels_its_request(api_server: ApiServer, client: FarmClient,
+                                                            redis_server: RedisServer) -> None:
+    body = {"model": "tiny", "prompt": "A long story", "max_tokens": 1024, "ignore_eos": True}
+    flags = redis_server.client()
+    before = set(flags.scan_iter(match="farm:cancel:*"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api_server.base_url}/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    wait_until(lambda: set(flags.scan_iter(match="farm:cancel:*")) - before, 30, "the request was not cancelled")
+    (flag,) = set(flags.scan_iter(match="farm:cancel:*")) - before
+    result = client.handle(flag.decode().removeprefix("farm:cancel:")).result(timeout=30)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 1024
+    metrics = httpx.get(f"{api_server.root}/metrics").text
+    assert 'farm_api_requests_total{endpoint="/v1/completions",model="tiny",status="499"} 1.0' in metrics
