@@ -27,6 +27,9 @@ from protocol.settings import FarmSettings
 T = TypeVar("T")
 WORKERS_TTL = 1.0
 """Seconds a heartbeat scan is reused: a burst of requests costs one scan, not one each."""
+DEPTH_TTL = 0.2
+"""Seconds a queue depth is reused (the full-queue check is approximate across replicas anyway)."""
+RESULT_POLL_S = 0.002
 BLOCK_MS = 1000
 """Longest wait on the streams before the caller checks its client is still there."""
 RESULT_TIMEOUT = 60.0
@@ -43,6 +46,7 @@ class Farm:
         self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30)
         """Streams and the per-key counters (``api.keys``)."""
         self._workers: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._depth: tuple[float, int] = (0.0, 0)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -58,8 +62,12 @@ class Farm:
         return fresh
 
     async def queue_depth(self) -> int:
-        depths = await _blocking(self.client.queue_depths)
-        return depths[INTERACTIVE_QUEUE]
+        """Messages waiting in the interactive queue (cached for ``DEPTH_TTL``)."""
+        at, depth = self._depth
+        if time.monotonic() - at >= DEPTH_TTL:
+            depth = (await _blocking(self.client.queue_depths))[INTERACTIVE_QUEUE]
+            self._depth = (time.monotonic(), depth)
+        return depth
 
     async def ping(self) -> None:
         await _reachable(self.settings, self.redis.ping())
@@ -82,6 +90,15 @@ class Farm:
         await _blocking(cancel_all)
 
     async def results(self, request_ids: list[str]) -> list[GenerationResult]:
+        """The stored results; the end of a stream precedes them by a moment, so wait for them
+        here (on the event loop) and read them once they are all stored."""
+        keys = [self.client.app.backend.get_key_for_task(r) for r in request_ids]
+        deadline = time.monotonic() + RESULT_TIMEOUT
+        while await _reachable(self.settings, self.redis.exists(*keys)) < len(keys):
+            if time.monotonic() > deadline:
+                break  # FarmClient's own wait below reports the timeout
+            await asyncio.sleep(RESULT_POLL_S)
+
         def read_all() -> list[GenerationResult]:
             return [self.client.handle(r).result(RESULT_TIMEOUT) for r in request_ids]
         return await _blocking(read_all)
@@ -107,13 +124,11 @@ class Farm:
                 yield i, event
 
     async def _finished_silently(self, request_ids: list[str], waiting: list[int]) -> list[int]:
-        def stored() -> list[int]:
-            return [i for i in waiting if self.client.task_meta(request_ids[i]).get("status") in FINAL_STATES]
-        return await _blocking(stored)
-
-
-FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
-
+        pipe = self.redis.pipeline(transaction=False)
+        for i in waiting:
+            pipe.exists(self.client.app.backend.get_key_for_task(request_ids[i]))
+        stored = await _reachable(self.settings, pipe.execute())
+        return [i for i, found in zip(waiting, stored, strict=True) if found]
 
 def served_models(workers: list[dict[str, Any]]) -> dict[str, str | None]:
     """Model ids the workers serve, each with the adapter a request for it asks for: the model

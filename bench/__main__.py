@@ -29,6 +29,9 @@ from bench.workload import Job, Run, make_prompts
 
 ALL_MODES = ("sequential", "gradio-concurrency", "static-batch", "transformers-serve", "farm-dynamic",
              "farm-continuous")
+OPTIONAL_MODES = ("farm-openai",)
+"""Run only when named in ``--modes``: ``farm-openai`` (the continuous farm behind ``farm api``,
+driven by the OpenAI client code of ``transformers-serve``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=0, help="requests per run (default: 16, 2N, at most 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request (EOS ignored)")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated, of: " + " ".join(ALL_MODES))
+    parser.add_argument("--modes", default=",".join(ALL_MODES),
+                        help="comma-separated, of: " + " ".join(ALL_MODES + OPTIONAL_MODES))
     parser.add_argument("--mixed", type=int, default=16, help="clients of the short/long scenario (0: skip it)")
     parser.add_argument("--mixed-requests", type=int, default=32, help="requests of the short/long scenario")
     parser.add_argument("--short-tokens", type=int, default=16)
@@ -64,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(ALL_MODES))
+    known = ALL_MODES + OPTIONAL_MODES
+    unknown = sorted(set(modes) - set(known))
     if unknown:
-        raise SystemExit(f"farm bench: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
+        raise SystemExit(f"farm bench: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return modes
 
 
@@ -117,7 +122,8 @@ def _run_all(args: argparse.Namespace, modes: list[str], model: str, threads: in
         mixed = []
         if args.mixed:
             jobs = _mixed_jobs(prompts, args.mixed_requests, args.short_tokens, args.long_tokens)
-            mixed = [log(serve(jobs, args.mixed)) for mode, serve in servers.items() if mode.startswith("farm-")]
+            mixed = [log(serve(jobs, args.mixed)) for mode, serve in servers.items()
+                     if mode in ("farm-dynamic", "farm-continuous")]
     rows = [_checked(run, reference) for run in runs]
     mixed_rows = _agreeing([run for run in mixed if not run.unavailable])
     from bench.report import targets
@@ -188,6 +194,8 @@ def _start(stack: contextlib.ExitStack, args: argparse.Namespace, modes: list[st
     for strategy in ("dynamic", "continuous"):
         if f"farm-{strategy}" in modes:
             servers[f"farm-{strategy}"] = _start_farm(stack, args, model, strategy, threads, levels, log)
+    if "farm-openai" in modes:
+        servers["farm-openai"] = _start_openai(stack, args, model, threads, levels, log)
     return servers, local
 
 
@@ -221,6 +229,23 @@ def _start_farm(stack: contextlib.ExitStack, args: argparse.Namespace, model: st
         return _unavailable(f"farm-{strategy}", str(error))
     stack.callback(farm.close)
     return lambda jobs, c: run_farm(farm, jobs, c)
+
+
+def _start_openai(stack: contextlib.ExitStack, args: argparse.Namespace, model: str, threads: int,
+                  levels: list[int], log: _Log) -> Serve:
+    from bench.api import FarmOpenAI, run_openai
+    from bench.farm import FarmUnderTest
+
+    clients = max(max(levels), args.mixed)
+    try:
+        farm = FarmUnderTest(model, "continuous", threads, clients, max(args.new_tokens, args.long_tokens),
+                             log.logdir / "openai")
+        stack.callback(farm.close)
+        server = FarmOpenAI(farm.url, model, log.logdir / "openai", clients)
+    except RuntimeError as error:
+        return _unavailable("farm-openai", str(error))
+    stack.callback(server.close)
+    return lambda jobs, c: run_openai(server, jobs, c)
 
 
 def _checked(run: Run, reference: dict[int, str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,29 +70,37 @@ class ServeServer:
         return self.log_path.read_text(errors="replace")[-800:]
 
     def complete(self, job: Job, clock: Clock) -> Sample:
-        body = {"model": self.model, "prompt": job.prompt, "max_tokens": job.new_tokens, "temperature": 0,
-                "stream": True}
-        parts: list[str] = []
-        usage = None
-        with self.http.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise RuntimeError(str(event["error"]))
-                text = event["choices"][0].get("text") or ""
-                if text:
-                    clock.token()
-                    parts.append(text)
-                usage = event.get("usage")
-        tokens = int(usage["completion_tokens"]) if usage else 0
-        return clock.sample(job, tokens, "".join(parts))
+        return stream_completion(self.http, self.model, job, clock)
 
     def close(self) -> None:
         self.http.close()
         stop(self.process)
+
+
+def stream_completion(http: httpx.Client, model: str, job: Job, clock: Clock,
+                      extra: dict[str, Any] | None = None) -> Sample:
+    """One streamed OpenAI ``/v1/completions`` request: the client code of every OpenAI-speaking
+    mode (``transformers-serve``, ``farm-openai``), so they are compared through one client;
+    ``extra`` adds a server's own fields."""
+    body = {"model": model, "prompt": job.prompt, "max_tokens": job.new_tokens, "temperature": 0,
+            "stream": True, **(extra or {})}
+    parts: list[str] = []
+    usage = None
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(str(event["error"]))
+            text = event["choices"][0].get("text") or "" if event.get("choices") else ""
+            if text:
+                clock.token()
+                parts.append(text)
+            usage = event.get("usage") or usage
+    tokens = int(usage["completion_tokens"]) if usage else 0
+    return clock.sample(job, tokens, "".join(parts))
 
 
 def run_serve(server: ServeServer, jobs: list[Job], concurrency: int) -> Run:

@@ -11,7 +11,8 @@ import pytest
 
 from bench.procs import free_port
 from producer import FarmClient
-from tests.api_server import ApiServer, start_api
+from bench.api import ApiProcess
+from tests.api_server import start_api
 from tests.conftest import RedisServer, WorkerProcess, wait_until
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -19,14 +20,14 @@ LONG = {"max_tokens": 1024, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     server = start_api(farm_worker.redis_url, tmp_path_factory.mktemp("api"))
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture()
-def oai(api_server: ApiServer) -> openai.OpenAI:
+def oai(api_server: ApiProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
@@ -113,7 +114,7 @@ def test_completion_stream_of_two_choices(oai: openai.OpenAI) -> None:
     assert reasons == [c.finish_reason for c in whole.choices]
 
 
-def test_a_client_that_disconnects_cancels_its_request(api_server: ApiServer, client: FarmClient) -> None:
+def test_a_client_that_disconnects_cancels_its_request(api_server: ApiProcess, client: FarmClient) -> None:
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 1024, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{api_server.base_url}/chat/completions", json=body, timeout=60) as response:
         request_id = response.headers["x-farm-request-ids"]
@@ -166,7 +167,7 @@ def test_no_worker_and_no_redis_are_503(redis_server: RedisServer, tmp_path: Pat
             assert caught.value.code in ("no_worker", "redis_unreachable")
             assert httpx.get(f"{server.root}/health").status_code == (200 if url.endswith("/5") else 503)
         finally:
-            server.stop()
+            server.close()
 
 
 def test_a_full_queue_is_429_with_retry_after(farm_worker: WorkerProcess, redis_server: RedisServer,
@@ -184,11 +185,11 @@ def test_a_full_queue_is_429_with_retry_after(farm_worker: WorkerProcess, redis_
         assert caught.value.code == "queue_full" and "FARM_API_MAX_QUEUE" in caught.value.message
         assert caught.value.response.headers["retry-after"] == "1"
     finally:
-        server.stop()
+        server.close()
         redis_server.client(6).flushdb()
 
 
-def test_metrics_count_requests_by_endpoint_model_and_status(oai: openai.OpenAI, api_server: ApiServer) -> None:
+def test_metrics_count_requests_by_endpoint_model_and_status(oai: openai.OpenAI, api_server: ApiProcess) -> None:
     oai.completions.create(model="tiny", prompt="metrics", max_tokens=2)
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="nope", prompt="metrics", max_tokens=2)
@@ -199,7 +200,7 @@ def test_metrics_count_requests_by_endpoint_model_and_status(oai: openai.OpenAI,
 
 
 
-def test_a_client_that_gives_up_waiting_cancels_its_request(api_server: ApiServer, client: FarmClient,
+def test_a_client_that_gives_up_waiting_cancels_its_request(api_server: ApiProcess, client: FarmClient,
                                                             redis_server: RedisServer) -> None:
     body = {"model": "tiny", "prompt": "A long story", "max_tokens": 1024, "ignore_eos": True}
     flags = redis_server.client()

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.api_server import ApiServer, start_api
+from bench.api import ApiProcess
+from tests.api_server import start_api
 from tests.conftest import ROOT, RedisServer, WorkerProcess, wait_until
 
 KEYS = ("alpha-key-1", "beta-key-22", "gamma-key-333")
@@ -21,21 +22,21 @@ RPM = 3
 
 
 @pytest.fixture(scope="module")
-def keyed_api(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+def keyed_api(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     workdir = tmp_path_factory.mktemp("api-keys")
     keys_file = workdir / "keys.txt"
     keys_file.write_text(f"# keys of the team\n{KEYS[2]}  # gamma\n\n")
     server = start_api(farm_worker.redis_url, workdir, "--access-log", api_keys=f"{KEYS[0]}, {KEYS[1]}",
                        api_keys_file=keys_file, api_key_rpm=RPM, api_key_concurrency=1)
     yield server
-    server.stop()
+    server.close()
 
 
-def sdk(server: ApiServer, key: str) -> openai.OpenAI:
+def sdk(server: ApiProcess, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
 
 
-def test_every_endpoint_but_health_needs_a_key(keyed_api: ApiServer) -> None:
+def test_every_endpoint_but_health_needs_a_key(keyed_api: ApiProcess) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
         sdk(keyed_api, "wrong").completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert caught.value.code == "invalid_api_key"
@@ -47,7 +48,7 @@ def test_every_endpoint_but_health_needs_a_key(keyed_api: ApiServer) -> None:
     assert sdk(keyed_api, KEYS[2]).completions.create(model="tiny", prompt="hi", max_tokens=2).choices
 
 
-def test_a_key_over_its_requests_per_minute_gets_429(keyed_api: ApiServer) -> None:
+def test_a_key_over_its_requests_per_minute_gets_429(keyed_api: ApiProcess) -> None:
     beta = sdk(keyed_api, KEYS[1])
     for _ in range(RPM):
         beta.completions.create(model="tiny", prompt="per minute", max_tokens=2)
@@ -58,7 +59,7 @@ def test_a_key_over_its_requests_per_minute_gets_429(keyed_api: ApiServer) -> No
     assert sdk(keyed_api, KEYS[0]).completions.create(model="tiny", prompt="other key", max_tokens=2).choices
 
 
-def test_a_key_over_its_concurrency_gets_429_until_its_request_ends(keyed_api: ApiServer) -> None:
+def test_a_key_over_its_concurrency_gets_429_until_its_request_ends(keyed_api: ApiProcess) -> None:
     gamma = sdk(keyed_api, KEYS[2])
     body = {"model": "tiny", "prompt": "long", "max_tokens": 1024, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {KEYS[2]}"}
@@ -78,7 +79,7 @@ def _succeeds(client: openai.OpenAI) -> bool:
         return False
 
 
-def test_keys_never_reach_logs_metrics_or_redis(keyed_api: ApiServer, redis_server: RedisServer) -> None:
+def test_keys_never_reach_logs_metrics_or_redis(keyed_api: ApiProcess, redis_server: RedisServer) -> None:
     alpha = sdk(keyed_api, KEYS[0])
     alpha.completions.create(model="tiny", prompt="audit", max_tokens=2)
     metrics = httpx.get(keyed_api.root + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}).text

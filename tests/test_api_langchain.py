@@ -8,18 +8,19 @@ import pytest
 from langchain_openai import ChatOpenAI
 
 from producer import FarmClient
-from tests.api_server import ApiServer, start_api
+from bench.api import ApiProcess
+from tests.api_server import start_api
 from tests.conftest import WorkerProcess
 
 
 @pytest.fixture(scope="module")
-def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     server = start_api(farm_worker.redis_url, tmp_path_factory.mktemp("api-langchain"))
     yield server
-    server.stop()
+    server.close()
 
 
-def test_chat_openai_invokes_and_streams(api_server: ApiServer, client: FarmClient) -> None:
+def test_chat_openai_invokes_and_streams(api_server: ApiProcess, client: FarmClient) -> None:
     chat = ChatOpenAI(model="tiny", base_url=api_server.base_url, api_key="unused",  # type: ignore[arg-type]
                       max_tokens=16, temperature=0, max_retries=0, stream_usage=True)
     question = [("system", "You are terse."), ("human", "Name a colour.")]
