@@ -29,6 +29,9 @@ WORKERS_TTL = 1.0
 """Seconds a heartbeat scan is reused: a burst of requests costs one scan, not one each."""
 DEPTH_TTL = 0.2
 """Seconds a queue depth is reused (the full-queue check is approximate across replicas anyway)."""
+REDIS_CONNECTIONS = 4096
+"""Each waiting request blocks on one connection (redis-py's default pool holds 100); beyond
+this many at once a replica answers 503 (Redis's own default limit is 10000 clients)."""
 RESULT_POLL_S = 0.002
 BLOCK_MS = 1000
 """Longest wait on the streams before the caller checks its client is still there."""
@@ -43,7 +46,8 @@ class Farm:
     def __init__(self, settings: FarmSettings) -> None:
         self.settings = settings
         self.client = FarmClient(settings=settings)
-        self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30,
+                                             max_connections=REDIS_CONNECTIONS)
         """Streams and the per-key counters (``api.keys``)."""
         self._workers: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._depth: tuple[float, int] = (0.0, 0)
