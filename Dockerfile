@@ -14,6 +14,7 @@ COPY worker worker
 COPY producer producer
 COPY ops ops
 COPY ui ui
+COPY api api
 COPY farm pyproject.toml ./
 
 # Never run the farm as root; the models volume is created owned by the farm user.

@@ -123,6 +123,13 @@ def ui_spec(env: dict[str, str], host: str, port: int) -> ChildSpec | None:
     return ChildSpec("ui", [sys.executable, "-m", "ui.app"], {**env, "FARM_UI_HOST": host, "FARM_UI_PORT": str(port)})
 
 
+def api_spec(env: dict[str, str], host: str, settings: FarmSettings) -> ChildSpec | None:
+    """``farm api`` beside the UI; not beyond loopback without keys (it would refuse to start)."""
+    if not (settings.api_keys or settings.api_keys_file) and not is_loopback(host):
+        return None
+    return ChildSpec("api", [sys.executable, "-m", "api.main"], {**env, "FARM_API_HOST": host})
+
+
 def redis_spec(url: str, data_dir: Path) -> ChildSpec:
     """A redis-server for ``url``: append-only, data in ``data_dir``, config (and password) on stdin."""
     parts = urlsplit(url)
@@ -157,12 +164,15 @@ def _local_addresses() -> set[str]:
         return set()
 
 
-def urls(opts: UpOptions, settings: FarmSettings, workers: list[ChildSpec], ui: bool) -> list[tuple[str, str]]:
+def urls(opts: UpOptions, settings: FarmSettings, workers: list[ChildSpec], ui: bool,
+         api: bool = False) -> list[tuple[str, str]]:
     """What to print at start, passwords redacted."""
     login = f" (login {settings.flower_auth.split(':', 1)[0]}:***)" if settings.flower_auth else ""
     shown = [("Redis", redact_url(settings.redis_url)), ("Flower", f"http://{opts.host}:{opts.flower_port}{login}")]
     if ui:
         shown.append(("UI", f"http://{opts.host}:{opts.ui_port}"))
+    if api:
+        shown.append(("API", f"http://{opts.host}:{settings.api_port}/v1 (OpenAI-compatible)"))
     for spec in workers:
         port = spec.env["FARM_METRICS_PORT"]
         if port != "0":
@@ -183,6 +193,7 @@ class Farm:
         self.env = dict(os.environ)
         self.plans: list[WorkerPlan] = []
         self.workers: list[ChildSpec] = []
+        self.api: ChildSpec | None = None
 
     def say(self, text: str) -> None:
         self.output.say(text)
@@ -257,6 +268,11 @@ class Farm:
             self.supervisor.start(ui)
         elif self.opts.ui:
             self.say("no UI in this checkout (ui/app.py); running without it")
+        self.api = api_spec(self.env, self.opts.host, self.settings)
+        if self.api is not None:
+            self.supervisor.start(self.api)
+        else:
+            self.say(f"API not started: {self.opts.host} is beyond loopback and FARM_API_KEYS is unset")
         return ui is not None
 
     def wait_ready(self) -> bool:
@@ -343,7 +359,7 @@ def run(opts: UpOptions, settings: FarmSettings, output: Output) -> int:
             return 0
         farm.ensure_redis()
         with_ui = farm.start_services()
-        for label, url in urls(opts, settings, farm.workers, with_ui):
+        for label, url in urls(opts, settings, farm.workers, with_ui, api=farm.api is not None):
             farm.say(f"{label:<8} {url}")
         if farm.wait_ready():
             farm.supervise()

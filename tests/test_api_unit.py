@@ -78,3 +78,13 @@ def test_usage_counts_a_shared_prompt_once() -> None:
     body = Reply(chat=False, model="m").body(results[:1])
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"] == [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]
+
+
+def test_farm_up_starts_the_api_only_where_it_may_listen() -> None:
+    from ops.up import api_spec
+    from protocol.settings import FarmSettings
+
+    spec = api_spec({"FARM_REDIS_URL": "redis://h/0"}, "127.0.0.1", FarmSettings())
+    assert spec is not None and spec.cmd[-2:] == ["-m", "api.main"] and spec.env["FARM_API_HOST"] == "127.0.0.1"
+    assert api_spec({}, "0.0.0.0", FarmSettings()) is None
+    assert api_spec({}, "0.0.0.0", FarmSettings(api_keys="k")) is not None
