@@ -23,6 +23,7 @@ from api.responses import model_card, model_list
 from api.service import Service
 from api.translate import ApiCall, chat_call, completion_call
 from protocol.errors import ErrorCode, FarmError
+from protocol.names import INTERACTIVE_QUEUE, QUEUES
 from protocol.settings import FarmSettings
 
 BLOCKING_THREADS = 32
@@ -31,6 +32,7 @@ ANSWERED = (ApiError, FarmError, redis.ConnectionError, redis.TimeoutError)
 """Errors answered in OpenAI's shape; anything else is a bug (a 500 with the traceback logged)."""
 REQUEST_IDS_HEADER = "X-Farm-Request-Ids"
 """The farm's request ids of an answer's choices: ``farm`` commands and ``FarmClient`` follow them."""
+QUEUE_HEADER = "X-Farm-Queue"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -53,7 +55,7 @@ class Api:
             call = parse(await _json(request))
             farm_requests = await self.service.prepare(call, obs)
             lease = await self.limits.acquire(key)
-            request_ids = await self.farm.send(farm_requests)
+            request_ids = await self.farm.send(farm_requests, queue_of(request))
             headers = {REQUEST_IDS_HEADER: ",".join(request_ids)}
             if call.stream:
                 events = self.service.stream(call, request_ids, obs, lease)
@@ -99,6 +101,15 @@ class Api:
         except FarmError as error:
             return JSONResponse({"status": "unavailable", "error": error.message}, status_code=503)
         return JSONResponse({"status": "ok", "workers": len(workers), "models": list(served_models(workers))})
+
+
+def queue_of(request: Request) -> str:
+    """``X-Farm-Queue: bulk`` sends batch-like online traffic behind the people waiting."""
+    queue = request.headers.get(QUEUE_HEADER, INTERACTIVE_QUEUE).strip().lower()
+    if queue not in QUEUES:
+        raise ApiError(400, f"{QUEUE_HEADER}: must be one of {', '.join(QUEUES)}, got {queue!r}",
+                       QUEUE_HEADER, "invalid_request")
+    return queue
 
 
 def as_api_error(error: Exception) -> ApiError:

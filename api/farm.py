@@ -81,10 +81,10 @@ class Farm:
         return Limits.from_settings(self.settings, adapters or None)
 
     # --- requests -----------------------------------------------------------------------------
-    async def send(self, requests: list[GenerationRequest]) -> list[str]:
-        """Enqueue validated requests on the interactive queue; their request ids."""
+    async def send(self, requests: list[GenerationRequest], queue: str = INTERACTIVE_QUEUE) -> list[str]:
+        """Enqueue validated requests (on the interactive queue unless told); their request ids."""
         def send_all() -> list[str]:
-            return [self.client.send(r).id for r in requests]
+            return [self.client.send(r, queue=queue).id for r in requests]
         return await _blocking(send_all)
 
     async def cancel(self, request_ids: list[str]) -> None:

@@ -213,3 +213,23 @@ def test_a_client_that_gives_up_waiting_cancels_its_request(api_server: ApiProce
     assert result.finish_reason == "cancelled" and result.completion_tokens < 1024
     metrics = httpx.get(f"{api_server.root}/metrics").text
     assert 'farm_api_requests_total{endpoint="/v1/completions",model="tiny",status="499"} 1.0' in metrics
+
+
+def test_the_bulk_queue_header_sends_behind_interactive_traffic(farm_worker: WorkerProcess,
+                                                               redis_server: RedisServer, tmp_path: Path) -> None:
+    # db 7 holds a copy of the live worker's heartbeat but no worker takes its queues: messages stay.
+    key, db = f"farm:worker:{farm_worker.name}", redis_server.client(7)
+    db.set(key, redis_server.client(0).get(key) or b"")
+    server = start_api(redis_server.url(7), tmp_path)
+    try:
+        body = {"model": "tiny", "prompt": "batch-like", "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/completions", json=body, headers={"X-Farm-Queue": "bulk"}):
+            assert (db.llen("bulk"), db.llen("interactive")) == (1, 0)
+        oai = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.with_options(default_headers={"X-Farm-Queue": "fast"}).completions.create(
+                model="tiny", prompt="hi", max_tokens=4)
+        assert caught.value.param == "X-Farm-Queue" and "interactive, bulk" in caught.value.message
+    finally:
+        server.close()
+        db.flushdb()
