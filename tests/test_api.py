@@ -233,3 +233,11 @@ def test_the_bulk_queue_header_sends_behind_interactive_traffic(farm_worker: Wor
     finally:
         server.close()
         db.flushdb()
+
+
+def test_a_request_that_fails_in_the_worker_is_an_error_streaming_or_not(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        oai.completions.create(model="tiny", prompt="bad <<poison>>", max_tokens=4)
+    assert caught.value.status_code == 500 and caught.value.code == "generation_failed"
+    with pytest.raises(openai.APIError, match="poison"):
+        list(oai.completions.create(model="tiny", prompt="bad <<poison>>", max_tokens=4, stream=True))
