@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import PurePath
 from typing import Any, TypeVar
 
@@ -107,7 +107,7 @@ class Farm:
             return [self.client.handle(r).result(RESULT_TIMEOUT) for r in request_ids]
         return await _blocking(read_all)
 
-    async def events(self, request_ids: list[str]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    async def events(self, request_ids: list[str]) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
         """``(index, event)`` from the requests' streams, in order per request, until every one
         has ended; ``(-1, {"type": "idle"})`` after each ``BLOCK_MS`` without events. A request
         refused by its worker before it reached a batch has no stream: its result ends it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ DISCONNECT_CHECK_S = 0.5
 
 
 class Service:
+    """The steps of a generation request, shared by the chat and completions endpoints."""
+
     def __init__(self, settings: FarmSettings, farm: Farm, limits: KeyLimits) -> None:
         self.settings, self.farm, self.limits = settings, farm, limits
 
@@ -60,8 +63,9 @@ class Service:
     async def complete(self, call: ApiCall, request_ids: list[str], request: Request) -> dict[str, Any] | None:
         """The whole answer; ``None`` when the client left first (its requests are cancelled)."""
         checked = time.monotonic()
-        async with _cancelled_unless_finished(self.farm, request_ids) as guard:
-            async for _index, _event in self.farm.events(request_ids):
+        async with _cancelled_unless_finished(self.farm, request_ids) as guard, \
+                aclosing(self.farm.events(request_ids)) as events:
+            async for _index, _event in events:
                 if time.monotonic() - checked >= DISCONNECT_CHECK_S:
                     checked = time.monotonic()
                     if await request.is_disconnected():
@@ -79,10 +83,11 @@ class Service:
         cancels the requests in the farm."""
         chunks = _Chunks(call, Reply(call.chat, call.model), len(request_ids))
         try:
-            async with _cancelled_unless_finished(self.farm, request_ids) as guard:
+            async with _cancelled_unless_finished(self.farm, request_ids) as guard, \
+                    aclosing(self.farm.events(request_ids)) as events:
                 for line in chunks.opening():
                     yield line
-                async for index, event in self.farm.events(request_ids):
+                async for index, event in events:
                     chunk = chunks.on_event(index, event)
                     if chunk:
                         obs.first_byte()
