@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import RequestError
-from protocol.schema import GenerationRequest, Limits
+from protocol.schema import GenerationRequest, GenerationResult, Limits
 
 FORMATS = ("auto", "jsonl", "csv", "text")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
@@ -220,3 +220,17 @@ def _same_job(path: Path, number: int, job_id: str | None, found: Any) -> str | 
     if job_id is not None and found != job_id:
         raise ResultFileError(f"{path} line {number}: result of job {found}, earlier lines of job {job_id}")
     return job_id if job_id is not None else str(found) if found is not None else None
+
+
+def choose_job_id(given: str | None, written: Written, fingerprint: str, output: Path) -> str:
+    """The job to run: given, else the one whose results ``output`` holds, else one named after
+    the prompts and parameters (so rerunning the same command resumes the same job)."""
+    if given and written.job_id and given != written.job_id:
+        raise ResultFileError(f"{output} holds results of job {written.job_id}, not {given}; "
+                              "pass another output file (-o)")
+    return given or written.job_id or f"j{fingerprint[:20]}"
+
+
+def result_line(job_id: str, index: int, result: GenerationResult) -> str:
+    """One line of a results file: the row's index and job, then the result's fields."""
+    return json.dumps({"index": index, "job_id": job_id, **result.to_dict()}, ensure_ascii=False) + "\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from producer import FarmClient
-from producer.cli import result_line
+from producer.files import result_line
 from protocol.errors import RequestError
 from protocol.names import executions_key
 from protocol.schema import GenerationResult

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import choose_job_id, result_line
-from producer.files import (PromptFileError, ResultFileError, Written, check_rows, detect_format, iter_rows,
-                            scan_results)
+from producer.files import (PromptFileError, ResultFileError, Written, check_rows, choose_job_id, detect_format,
+                            iter_rows, result_line, scan_results)
 from protocol.schema import GenerationResult, Limits
 
 LIMITS = Limits()

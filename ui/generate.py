@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from producer.client import READY_STATES, FarmClient, RequestHandle
+from producer.client import FarmClient, RequestHandle
+from producer.follow import Follower
 from protocol.errors import ErrorCode, FarmError
 from protocol.names import INTERACTIVE_QUEUE
 from protocol.schema import GenerationRequest, Limits
@@ -82,26 +83,18 @@ def generate(client: FarmClient, data: dict[str, Any]) -> Iterator[Update]:
 def follow(client: FarmClient, handle: RequestHandle) -> Iterator[Update]:
     """Queued (with the depth ahead), running (worker, batch size) with the text so far, then the
     final line; a step at every stream event, and every ``POLL_MS`` while nothing happens."""
-    text, after, line, ended = "", "0", _queued_line(client), False
-    worker: str | None = None
-    yield Update(line, text, handle.id)
-    while not ended:
-        events = client.read_events(handle.id, after, block_ms=POLL_MS)
-        for event_id, event in events:
-            after = event_id
-            if event["type"] == "start":  # a run (re)starts from scratch: after a lost worker, an OOM split
-                worker, text = event.get("worker"), ""
-                line = status.running(worker, event.get("batch_size"))
-            elif event["type"] == "delta":
-                text += str(event.get("text", ""))
-            ended = ended or event["type"] == "end"
-        if not events:
-            if client.task_meta(handle.id).get("status") in READY_STATES:
-                break  # refused by the worker before it reached a batch: no stream at all
-            line = _queued_line(client) if after == "0" else _silent_line(client, worker, line)
-        yield Update(line, text, handle.id)
+    follower = Follower()
+    line = _queued_line(client)
+    yield Update(line, follower.text, handle.id)
+    # Ends at the stream's end, or when the worker refused it before it reached a batch (no stream).
+    for events in handle.follow(follower, block_ms=POLL_MS):
+        if any(e["type"] == "start" for e in events):  # a run (re)starts: after a lost worker, an OOM split
+            line = status.running(follower.worker, follower.batch_size)
+        elif not events:
+            line = _silent_line(client, follower.worker, line) if follower.started else _queued_line(client)
+        yield Update(line, follower.text, handle.id)
     result = handle.result(timeout=RESULT_TIMEOUT)
-    yield Update(status.finished(result), result.text or text, handle.id, final=True)
+    yield Update(status.finished(result), result.text or follower.text, handle.id, final=True)
 
 
 def cancel(client: FarmClient, request_id: str) -> Update:
