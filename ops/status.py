@@ -1,6 +1,6 @@
 """``farm status``: Redis, the workers online and the queues, in one screen.
 
-Everything comes from Redis: the workers' heartbeat records (``FarmClient.workers()``) and the
+Everything comes from Redis: the workers' heartbeat records (``FarmClient.heartbeats()``) and the
 queue lengths (``FarmClient.queue_depths()``). If Redis does not answer, one line says so and
 the exit code is 1.
 """
