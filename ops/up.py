@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -29,9 +28,10 @@ import redis
 from ops.flower import check_auth, is_loopback
 from ops.supervise import ChildSpec, Output, Supervisor
 from protocol.errors import SettingsError
+from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import heartbeat_key
 from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
-from worker.devices import WorkerPlan, count_gpus, plan_workers
+from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
 
 DEFAULT_METRICS_PORT = 9400
 """First worker's Prometheus port when ``FARM_METRICS_PORT`` is unset (the next worker gets +1)."""
@@ -101,15 +101,9 @@ def plan_gpus(gpus: str, gpu_count: int, host: str | None = None) -> list[Worker
 
 def worker_specs(plans: list[WorkerPlan], env: dict[str, str], metrics_port: int,
                  loglevel: str) -> list[ChildSpec]:
-    """One pinned worker process per plan, each with its own name and metrics port."""
-    specs = []
-    for index, plan in enumerate(plans):
-        name = (env.get("FARM_WORKER_NAME") if len(plans) == 1 else None) or plan.name
-        child_env = {**env, **plan.env, "FARM_WORKER_NAME": name,
-                     "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)}
-        cmd = [sys.executable, "-m", "worker.main", "--device", plan.device, "--in-process", "--loglevel", loglevel]
-        specs.append(ChildSpec(name, cmd, child_env, restart=True, stop_timeout=30))
-    return specs
+    """One pinned worker process per plan, each with its own name and metrics port, restarted when it dies."""
+    return [ChildSpec(launch.name, launch.cmd, launch.env, restart=True, stop_timeout=30)
+            for launch in worker_launches(plans, env, metrics_port, loglevel)]
 
 
 def flower_spec(env: dict[str, str], host: str, port: int) -> ChildSpec:
@@ -267,7 +261,7 @@ class Farm:
             self.supervisor.poll()
             records = self._ready_records(client)
             if records is not None:
-                models = sorted({str(r.get("model")) for r in records})
+                models = sorted({r.model_path for r in records})
                 self.say(f"ready: {len(records)} worker(s) serving {', '.join(models)}; Ctrl-C stops the farm")
                 return True
             if time.monotonic() > deadline:
@@ -275,14 +269,14 @@ class Farm:
                 deadline = float("inf")
         return False
 
-    def _ready_records(self, client: redis.Redis) -> list[dict[str, Any]] | None:
+    def _ready_records(self, client: redis.Redis) -> list[WorkerHeartbeat] | None:
         """Heartbeats of all our workers once each says ready, else None. The pid must be our
         child's: a record left by an earlier run under the same name does not count."""
         records = []
         for child in self.supervisor.children:
             if child.name in {spec.name for spec in self.workers}:
                 record = _heartbeat(client, child.name)
-                if record is None or not record.get("ready") or record.get("pid") != child.pid:
+                if record is None or not record.ready or record.pid != child.pid:
                     return None
                 records.append(record)
         return records
@@ -318,12 +312,12 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _heartbeat(client: redis.Redis, name: str) -> dict[str, Any] | None:
+def _heartbeat(client: redis.Redis, name: str) -> WorkerHeartbeat | None:
     try:
-        raw = client.get(heartbeat_key(name))
-    except redis.RedisError:
+        beats = read_heartbeats([client.get(heartbeat_key(name))])
+    except redis.RedisError:  # Redis restarting: ask again at the next poll
         return None
-    return json.loads(raw) if raw else None
+    return beats[0] if beats else None
 
 
 def run(opts: UpOptions, settings: FarmSettings, output: Output) -> int:

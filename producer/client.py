@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import RequestError
+from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES, submitted_key
 from protocol.schema import GenerationRequest, GenerationResult, Limits
 from protocol.settings import FarmSettings
@@ -103,16 +104,20 @@ class FarmClient:
     def limits(self) -> Limits:
         """Request limits; adapters are those the online workers offer (unknown if none)."""
         adapters: set[str] = set()
-        for worker in self.workers():
-            adapters.update(worker.get("adapters", []))
+        for worker in self.heartbeats():
+            adapters.update(worker.adapters)
         return Limits.from_settings(self.settings, sorted(adapters) if adapters else None)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Heartbeat records of the workers online."""
+        """Heartbeat records of the workers online, in their json form (``heartbeats()`` typed)."""
+        return [beat.to_dict() for beat in self.heartbeats()]
+
+    def heartbeats(self) -> list[WorkerHeartbeat]:
+        """The workers online, by name."""
         with self._reachable():
             keys = sorted(self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=100))
             values = self.redis.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v]
+        return read_heartbeats(values)
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting in each queue (not yet reserved by a worker)."""

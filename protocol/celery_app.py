@@ -18,7 +18,7 @@ def make_celery(settings: FarmSettings, name: str = "batchfarm") -> Celery:
 
 
 def celery_config(settings: FarmSettings) -> dict[str, object]:
-    """Celery settings; each is part of the farm's safety contract (see DESIGN.md)."""
+    """Celery settings; each is part of the farm's safety contract (docs/DESIGN.md, "Celery settings")."""
     transport = {
         # Above the longest batch, so a slow batch is not redelivered while it still runs.
         "visibility_timeout": settings.visibility_timeout,

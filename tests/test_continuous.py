@@ -14,7 +14,7 @@ from producer import FarmClient
 from protocol.schema import GenerationRequest
 from protocol.settings import FarmSettings
 from tests.conftest import RedisServer, WorkerProcess, start_worker, wait_until
-from tests.test_core import PROMPTS, reference_text, submit_all
+from tests.helpers import PROMPTS, reference_text, submit_all
 
 pytestmark = pytest.mark.integration
 

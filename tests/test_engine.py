@@ -13,7 +13,7 @@ from protocol.redis_conn import connect
 from protocol.schema import GenerationRequest, Limits
 from protocol.settings import FarmSettings
 from tests.conftest import RedisServer
-from tests.test_core import PROMPTS
+from tests.helpers import PROMPTS
 from worker.continuous import make_engine
 from worker.engine import is_out_of_memory
 from worker.model import load_model, render_prompt

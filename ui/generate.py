@@ -56,13 +56,13 @@ def preflight(client: FarmClient, data: dict[str, Any]) -> GenerationRequest:
     """The validated request, or a ``FarmError`` whose message says why it cannot be sent."""
     settings = client.settings
     GenerationRequest.from_dict(data, Limits.from_settings(settings))  # prompt first, no Redis needed
-    workers = [w for w in client.workers() if w.get("ready")]
+    workers = [w for w in client.heartbeats() if w.ready]
     if not workers:
         raise FarmError(ErrorCode.NO_WORKER, status.no_worker())
     depth = client.queue_depths()[INTERACTIVE_QUEUE]
     if depth >= settings.ui_max_queue:
         raise FarmError(ErrorCode.QUEUE_FULL, status.queue_full(depth, settings.ui_max_queue))
-    adapters = sorted({a for w in workers for a in w.get("adapters", [])})
+    adapters = sorted({a for w in workers for a in w.adapters})
     return GenerationRequest.from_dict(data, Limits.from_settings(settings, adapters or None))
 
 
@@ -117,8 +117,8 @@ def cancel(client: FarmClient, request_id: str) -> Update:
 
 
 def _queued_line(client: FarmClient) -> str:
-    workers = client.workers()
-    held = sum(int(w.get("waiting", 0)) for w in workers)
+    workers = client.heartbeats()
+    held = sum(w.waiting for w in workers)
     # Until it starts, this request is itself one of those counted: in Redis or held by a worker.
     ahead = max(0, client.queue_depths()[INTERACTIVE_QUEUE] + held - 1)
     return status.queued(ahead, len(workers))
@@ -126,7 +126,7 @@ def _queued_line(client: FarmClient) -> str:
 
 def _silent_line(client: FarmClient, worker: str | None, line: str) -> str:
     """While running and nothing arrives: the same line, unless its worker stopped beating."""
-    if worker is None or any(w.get("name") == worker for w in client.workers()):
+    if worker is None or any(w.name == worker for w in client.heartbeats()):
         return line
     return status.worker_lost(worker, client.settings.visibility_timeout)
 
