@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from producer.client import FarmClient
-from producer.files import (FORMATS, PromptFileError, ResultFileError, Written, check_rows, choose_job_id, iter_rows,
-                            result_line, scan_results)
+from producer.files import (FORMATS, PromptFileError, ResultFileError, Written, check_named, check_rows, choose_job_id,
+                            iter_rows, result_line, scan_results)
 from producer.jobs import Job, JobProgress, format_duration
 from protocol.errors import FarmError, FarmUnavailable, SettingsError
 from protocol.schema import GenerationResult, Limits
@@ -113,6 +113,7 @@ def submit_command(argv: list[str]) -> int:
     written = scan_results(args.output)
     job_id = choose_job_id(args.job_id, written, summary.fingerprint, args.output)
     client = _client(args, settings)
+    check_named(args.file, summary, client.limits())  # adapters: known once the farm is reached
     _warn_without_workers("submit", client)
     rows = (row.data for row in iter_rows(args.file, args.format, args.column))
     job = client.submit_job(rows, job_id, total=summary.rows, window=args.window,

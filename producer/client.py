@@ -92,7 +92,8 @@ class FarmClient:
                    window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
         """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
         the ``bulk`` queue, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
-        ``<job_id>:<i>``. Resubmitting a job id sends only the rows never sent."""
+        ``<job_id>:<i>``. Resubmitting a job id with the same prompts sends only the rows never sent;
+        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``."""
         return Job.submit(self.connection, self.limits(), prompts, job_id, total=total, window=window,
                           fingerprint=fingerprint, **params)
 

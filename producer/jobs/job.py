@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sized
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 from protocol.errors import ErrorCode, FarmError, RequestError
@@ -20,6 +20,7 @@ from protocol.schema import GenerationRequest, GenerationResult, Limits
 
 from producer.connection import FarmConnection
 from producer.jobs.book import CANCELLED, FAILED, JobProgress, book_from_bitmaps, check_job_id
+from producer.jobs.fingerprint import fingerprint_of
 from producer.jobs.lease import Lease
 from producer.jobs.ledger import Ledger
 from producer.jobs.sender import Sender
@@ -50,12 +51,17 @@ class Job:
     def submit(cls, connection: FarmConnection, limits: Limits, prompts: Iterable[Any], job_id: str | None = None,
                *, total: int | None = None, window: int | None = None, fingerprint: str | None = None,
                **params: Any) -> Job:
-        """Start (or resume) a job; returns once its rows are being sent in the background."""
+        """Start (or resume) a job; returns once its rows are being sent in the background.
+
+        Prompts given as a sequence are fingerprinted here; a lazy source is fingerprinted only
+        if the caller passes ``fingerprint`` (``farm submit`` does, from its check of the file)."""
         if window is not None and window < 1:
             raise RequestError.for_field("window", f"must be at least 1, got {window}")
         _check_params(params, limits)
         if total is None and isinstance(prompts, Sized):
             total = len(prompts)
+        if fingerprint is None and isinstance(prompts, Sequence):
+            fingerprint = fingerprint_of(prompts, params)
         job = cls(connection, job_id or uuid.uuid4().hex[:16], window or connection.settings.job_window,
                   limits, params)
         job.lease.acquire()
@@ -206,7 +212,11 @@ class Job:
         stored = int(info["total"])
         if total is not None and stored >= 0 and stored != total:
             raise RequestError.for_field("job_id", f"job {self.id} has {stored} rows, not {total}; use another job id")
-        if fingerprint and info.get("fingerprint") and info["fingerprint"] != fingerprint:
+        known = info.get("fingerprint")
+        if known and not fingerprint:
+            raise RequestError.for_field("job_id", f"job {self.id} exists; prompts given lazily cannot be told "
+                                         "the same as its own: pass them as a list (or fingerprint=) to resume it")
+        if known and known != fingerprint:
             raise RequestError.for_field("job_id", f"job {self.id} was submitted with other prompts; "
                                          "use another job id")
 
