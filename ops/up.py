@@ -30,6 +30,7 @@ from ops.flower import check_auth, is_loopback
 from ops.supervise import ChildSpec, Output, Supervisor
 from protocol.errors import SettingsError
 from protocol.names import heartbeat_key
+from protocol.ownership import Sweeper
 from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
 from worker.devices import WorkerPlan, count_gpus, plan_workers
 
@@ -288,8 +289,11 @@ class Farm:
         return records
 
     def supervise(self) -> None:
+        sweeper = Sweeper(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=1, socket_timeout=2),
+                          self.settings.heartbeat_seconds)  # dead workers' messages back in seconds
         while not self.stopping.wait(0.5):
             self.supervisor.poll()
+            sweeper.poll()
 
     def stop(self) -> None:
         self.say("stopping the farm (UI, Flower, workers, then Redis)")

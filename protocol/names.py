@@ -52,3 +52,18 @@ def redeliveries_key() -> str:
 def job_key(job_id: str) -> str:
     """Hash describing a bulk job (total rows, params, state)."""
     return f"{PREFIX}job:{job_id}"
+
+
+def owners_key() -> str:
+    """Hash: delivery tag of each reserved message -> ``<owner>\\n<queue key>`` (who holds it)."""
+    return f"{PREFIX}owners"
+
+
+def alive_key(owner: str) -> str:
+    """Set with a short expiry by a live worker process; its messages are restored once it lapses."""
+    return f"{PREFIX}alive:{owner}"
+
+
+def duplicates_key() -> str:
+    """Counter of late results dropped because the request already had a stored result."""
+    return f"{PREFIX}duplicates"
