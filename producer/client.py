@@ -56,7 +56,7 @@ class FarmClient:
         base = settings or FarmSettings.from_env()
         self.settings = dataclasses.replace(base, redis_url=redis_url or base.redis_url)
         self.app = make_celery(self.settings, name="batchfarm-client")
-        self.redis = connect(self.settings.redis_url, retries=CLIENT_RETRIES)
+        self.redis = connect(self.settings.redis_url, retries=CLIENT_RETRIES, settings=self.settings)
 
     # --- submitting ---------------------------------------------------------------------------
     def validate(self, prompt: str | None = None, **params: Any) -> GenerationRequest:

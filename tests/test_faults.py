@@ -110,3 +110,29 @@ def test_black_holed_redis_raises_farm_unavailable(black_hole: int) -> None:
     seconds = time.monotonic() - started
     record(figures_from("black-holed Redis", [], [], {}, {}, raised_after_s=round(seconds, 1)))
     assert f"127.0.0.1:{black_hole}" in raised.value.message
+
+
+def test_first_result_wins_and_late_duplicate_is_counted(redis_server: RedisServer) -> None:
+    """Two workers finish one request (the first was cut off, its row ran again elsewhere): the
+    first stored result stays, the late one is dropped and counted; a redelivered message of a
+    finished request storing the same result again is no duplicate."""
+    from protocol.celery_app import make_celery
+
+    url, db = redis_server.url(12), redis_server.client(12)
+    db.flushdb()
+    backend = make_celery(FarmSettings(redis_url=url)).backend
+    first = {"id": "dup:0", "text": "from the rescuer", "worker": "rescuer@faults"}
+    late = {"id": "dup:0", "text": "from the late worker", "worker": "cut@faults"}
+    backend.store_result("dup:0", first, "SUCCESS")
+    backend.store_result("dup:0", late, "SUCCESS")
+    backend.store_result("dup:0", RuntimeError("late failure"), "FAILURE")
+    backend.store_result("dup:0", first, "SUCCESS")  # the same result again
+    meta = backend.get_task_meta("dup:0")
+    duplicates = int(db.get("farm:duplicates") or 0)
+    record(figures_from("late duplicate result", ["dup:0"], ["dup:0"], {"dup:0": 2}, {},
+                        duplicates_counted=duplicates))
+    assert (meta["status"], meta["result"]) == ("SUCCESS", first)
+    assert duplicates == 2
+    backend.store_result("dup:1", RuntimeError("failed first"), "FAILURE")  # a failure may be retried
+    backend.store_result("dup:1", first, "SUCCESS")
+    assert backend.get_task_meta("dup:1")["status"] == "SUCCESS"

@@ -72,7 +72,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings=settings)
     sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
     metrics = WorkerMetrics()
 
