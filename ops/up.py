@@ -3,7 +3,7 @@
 It builds the demo model if needed, starts Redis if ``FARM_REDIS_URL`` is not reachable and
 points here, then the workers (one per GPU, or one on the CPU), Flower and the Gradio UI. It
 prints each URL, waits until every worker's heartbeat says its model is loaded, streams the
-children's logs with a ``[name]`` prefix, restarts a worker that dies (with backoff) and, on
+children's logs with a ``[name]`` prefix, restarts a worker or Redis that dies (with backoff) and, on
 Ctrl-C or SIGTERM, stops everything it started: UI, Flower, workers, then Redis.
 """
 
@@ -137,7 +137,7 @@ def redis_spec(url: str, data_dir: Path) -> ChildSpec:
     if parts.password:
         config.append(f"requirepass {parts.password}")
     return ChildSpec("redis", ["redis-server", "-"], {**os.environ}, stdin="\n".join(config).encode() + b"\n",
-                     stop_timeout=30)
+                     stop_timeout=30, restart=True)  # from its append-only file: queues and results kept
 
 
 def is_this_machine(host: str) -> bool:

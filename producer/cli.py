@@ -21,6 +21,7 @@ from typing import IO, Any
 from producer.client import FarmClient
 from producer.files import FORMATS, PromptFileError, ResultFileError, Written, check_rows, iter_rows, scan_results
 from producer.jobs import Job, JobProgress
+from producer.watch import watching
 from protocol.errors import FarmError, FarmUnavailable, SettingsError
 from protocol.schema import GenerationResult, Limits
 from protocol.settings import FarmSettings
@@ -116,7 +117,7 @@ def submit_command(argv: list[str]) -> int:
     rows = (row.data for row in iter_rows(args.file, args.format, args.column))
     job = client.submit_job(rows, job_id, total=summary.rows, window=args.window,
                             fingerprint=summary.fingerprint, **params)
-    with job:
+    with job, watching(client.settings, "submit"):  # says so when Redis stops answering
         _announce(job, summary.rows, written, args.output)
         try:
             failed = written.failed + write_results(job, args.output, written, args.quiet)

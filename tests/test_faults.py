@@ -136,3 +136,19 @@ def test_first_result_wins_and_late_duplicate_is_counted(redis_server: RedisServ
     backend.store_result("dup:1", RuntimeError("failed first"), "FAILURE")  # a failure may be retried
     backend.store_result("dup:1", first, "SUCCESS")
     assert backend.get_task_meta("dup:1")["status"] == "SUCCESS"
+
+
+def test_redis_watch_says_unreachable_once_then_back(redis_server: RedisServer) -> None:
+    import io
+
+    from producer.watch import RedisWatch
+
+    said = io.StringIO()
+    watch = RedisWatch(FarmSettings(redis_url=redis_server.url(13)), "submit", said)
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    watch.check(dead)
+    watch.check(dead)
+    watch.check(redis_server.client(13))
+    assert said.getvalue().splitlines() == [
+        f"farm submit: Redis at {redis_server.url(13)} is unreachable, retrying",
+        f"farm submit: Redis at {redis_server.url(13)} is back; carrying on"]
