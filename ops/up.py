@@ -3,7 +3,7 @@
 It builds the demo model if needed, starts Redis if ``FARM_REDIS_URL`` is not reachable and
 points here, then the workers (one per GPU, or one on the CPU), Flower and the Gradio UI. It
 prints each URL, waits until every worker's heartbeat says its model is loaded, streams the
-children's logs with a ``[name]`` prefix, restarts a worker that dies (with backoff) and, on
+children's logs with a ``[name]`` prefix, restarts a worker or Redis that dies (with backoff) and, on
 Ctrl-C or SIGTERM, stops everything it started: UI, Flower, workers, then Redis.
 """
 
@@ -30,6 +30,7 @@ from ops.supervise import ChildSpec, Output, Supervisor
 from protocol.errors import SettingsError
 from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import heartbeat_key
+from protocol.ownership import Sweeper
 from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
 from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
 
@@ -130,7 +131,7 @@ def redis_spec(url: str, data_dir: Path) -> ChildSpec:
     if parts.password:
         config.append(f"requirepass {parts.password}")
     return ChildSpec("redis", ["redis-server", "-"], {**os.environ}, stdin="\n".join(config).encode() + b"\n",
-                     stop_timeout=30)
+                     stop_timeout=30, restart=True)  # from its append-only file: queues and results kept
 
 
 def is_this_machine(host: str) -> bool:
@@ -282,8 +283,11 @@ class Farm:
         return records
 
     def supervise(self) -> None:
+        sweeper = Sweeper(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=1, socket_timeout=2),
+                          self.settings.heartbeat_seconds)  # dead workers' messages back in seconds
         while not self.stopping.wait(0.5):
             self.supervisor.poll()
+            sweeper.poll()
 
     def stop(self) -> None:
         self.say("stopping the farm (UI, Flower, workers, then Redis)")

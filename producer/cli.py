@@ -22,6 +22,7 @@ from producer.client import FarmClient
 from producer.files import (FORMATS, PromptFileError, ResultFileError, Written, check_named, check_rows, choose_job_id,
                             iter_rows, result_line, scan_results)
 from producer.jobs import Job, JobProgress, format_duration
+from producer.watch import watching
 from protocol.errors import FarmError, FarmUnavailable, SettingsError
 from protocol.schema import GenerationResult, Limits
 from protocol.settings import FarmSettings
@@ -118,7 +119,7 @@ def submit_command(argv: list[str]) -> int:
     rows = (row.data for row in iter_rows(args.file, args.format, args.column))
     job = client.submit_job(rows, job_id, total=summary.rows, window=args.window,
                             fingerprint=summary.fingerprint, **params)
-    with job:
+    with job, watching(client.settings, "submit"):  # says so when Redis stops answering
         _announce(job, summary.rows, written, args.output)
         try:
             failed = written.failed + write_results(job, args.output, written, args.quiet)

@@ -38,7 +38,7 @@ class FarmConnection:
     def __init__(self, settings: FarmSettings, name: str = "batchfarm-client") -> None:
         self.settings = settings
         self.app = make_celery(settings, name=name)
-        self.redis = connect(settings.redis_url, retries=CLIENT_RETRIES)
+        self.redis = connect(settings.redis_url, retries=CLIENT_RETRIES, settings=settings)
 
     def reachable(self) -> Reachable:
         """``with connection.reachable():`` turns a connection failure into ``FarmUnavailable``."""

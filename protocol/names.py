@@ -86,3 +86,18 @@ KOMBU_UNACKED = "unacked"
 """Hash: delivery tag -> json ``[message, exchange, routing_key]``."""
 KOMBU_UNACKED_INDEX = "unacked_index"
 """Sorted set: delivery tag -> time reserved (what redelivery after the visibility timeout scans)."""
+
+
+def owners_key() -> str:
+    """Hash: delivery tag of each reserved message -> ``<owner>\\n<queue key>`` (who holds it)."""
+    return f"{PREFIX}owners"
+
+
+def alive_key(owner: str) -> str:
+    """Set with a short expiry by a live worker process; its messages are restored once it lapses."""
+    return f"{PREFIX}alive:{owner}"
+
+
+def duplicates_key() -> str:
+    """Counter of late results dropped because the request already had a stored result."""
+    return f"{PREFIX}duplicates"

@@ -16,6 +16,8 @@ from celery.signals import worker_ready, worker_shutdown
 from protocol.celery_app import make_celery
 from protocol.heartbeat import WorkerHeartbeat
 from protocol.names import QUEUES
+from protocol.ownership import Liveness
+from protocol.ownership import transport_options as owner_options
 from protocol.schema import GenerationRequest, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
@@ -66,7 +68,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, settings=settings)
     sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
     metrics = WorkerMetrics()
 
@@ -81,6 +83,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     engine.start()
     install_safe_transport()  # a malformed message must not stop the worker
     app = make_celery(settings)
+    liveness = Liveness(client, name, settings.heartbeat_seconds).start()  # owns what this process pops
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness.owner)}
     identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)
