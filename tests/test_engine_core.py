@@ -11,9 +11,10 @@ import time
 import pytest
 
 from protocol.schema import GenerationRequest
-from tests.engine_fakes import STRATEGIES, expected_text, make_rig
+from tests.engine_fakes import STRATEGIES, FakeOutput, expected_text, make_rig
 from worker.engine.model_thread import Engine
 from worker.engine.runner import OOM_MARK, POISON_MARK
+from worker.engine.sinks import EngineSinks, StepRelay
 
 PROMPTS = ["one two three", "a b", "the quick brown fox jumps", "x", "lorem ipsum dolor", "hello there",
            "c d e f g", "last one"]
@@ -22,7 +23,7 @@ LENGTHS = [12, 3, 20, 5, 9, 7, 15, 4]
 
 def test_importing_the_core_and_its_fakes_does_not_import_torch() -> None:
     # Everything this module imports but pytest (which imports no torch either), in a fresh interpreter.
-    code = ("import sys, tests.engine_fakes, worker.engine.model_thread, worker.engine.runner; "
+    code = ("import sys, tests.engine_fakes, worker.engine.model_thread, worker.engine.runner, worker.engine.sinks; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -203,3 +204,22 @@ def test_model_thread_serves_submissions_calls_and_duplicates() -> None:
     finally:
         engine.stop()
     assert engine.stats.requests == 2 and engine.waiting == 0
+
+
+def test_cancel_flags_are_read_at_most_every_poll_interval() -> None:
+    reads: list[list[str]] = []
+
+    class Flags:
+        def cancelled(self, request_ids: list[str]) -> set[str]:
+            reads.append(request_ids)
+            return {"a"}
+
+    output, now = FakeOutput(), [0.0]
+    relay = StepRelay(EngineSinks(output, Flags(), cancel_poll_seconds=0.05), clock=lambda: now[0])
+    assert relay.on_step({"a": "x", "b": "y"}, []) == {"a"}
+    now[0] = 0.01
+    assert relay.on_step({"a": "z", "b": ""}, []) == {"a"}  # answered from the last read
+    now[0] = 0.06
+    relay.on_step({"b": "w"}, ["b"])
+    assert reads == [["a", "b"], ["b"]]
+    assert output.streamed == {"a": "xz", "b": "yw"}
