@@ -61,15 +61,15 @@ def _supervise(plans: list[WorkerPlan], args: argparse.Namespace, settings: Farm
 
 def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info") -> int:
     """Load the model, start the engine, then let Celery take messages."""
-    from worker.continuous import make_engine
+    from worker.engine.build import make_engine
     from worker.model import load_model, render_prompt
-    from worker.streams import RedisStreamSink
+    from worker.streams import redis_sinks
 
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
     client = connect(settings.redis_url, settings=settings)
-    sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
+    sinks = redis_sinks(client, settings)
     metrics = WorkerMetrics()
 
     def render(request: GenerationRequest) -> str:
@@ -79,7 +79,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     from worker.heartbeat import Heartbeat, worker_identity
     from worker.tasks import register_generate
 
-    engine = make_engine(settings, loaded, MeteredSink(sink, metrics), name, render, plan.device)
+    engine = make_engine(settings, loaded, sinks.with_output(MeteredSink(sinks.output, metrics)), name, render,
+                         plan.device)
     engine.start()
     install_safe_transport()  # a malformed message must not stop the worker
     app = make_celery(settings)
@@ -88,7 +89,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)
-    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()), sink.note_redelivery)
+    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()),
+                      sinks.counter.note_redelivery)
     _start_metrics(metrics, engine, settings, identity)
     heartbeat = Heartbeat(client, engine, identity, settings.heartbeat_seconds, adapters.names, metrics.summary)
     _connect_lifecycle(heartbeat, engine)

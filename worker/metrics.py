@@ -23,7 +23,7 @@ from protocol.heartbeat import TOKENS_PER_SECOND_WINDOW, busy_tokens_per_second
 from protocol.schema import GenerationResult
 
 if TYPE_CHECKING:  # the engine imports torch; this module is imported before the model loads
-    from worker.engine import Engine, StreamSink
+    from worker.engine import Engine, StreamOutput
 
 log = logging.getLogger(__name__)
 
@@ -135,27 +135,21 @@ def _mean(values: list[float]) -> float | None:
 
 
 class MeteredSink:
-    """A ``StreamSink`` that passes everything on and observes batches and results on the way."""
+    """A ``StreamOutput`` that passes everything on and observes batches and results on the way."""
 
-    def __init__(self, inner: StreamSink, metrics: WorkerMetrics) -> None:
+    def __init__(self, inner: StreamOutput, metrics: WorkerMetrics) -> None:
         self.inner, self.metrics = inner, metrics
 
     def begin(self, request_ids: list[str], worker: str, batch_size: int) -> None:
         self.metrics.observe_batch(batch_size)
         self.inner.begin(request_ids, worker, batch_size)
 
-    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-        return self.inner.on_step(deltas, finished)
+    def write(self, deltas: dict[str, str], finished: list[str]) -> None:
+        self.inner.write(deltas, finished)
 
     def end(self, result: GenerationResult) -> None:
         self.inner.end(result)
         self.metrics.observe_result(result)
-
-    def cancelled(self, request_ids: list[str]) -> set[str]:
-        return self.inner.cancelled(request_ids)
-
-    def count_execution(self, request_ids: list[str]) -> None:
-        self.inner.count_execution(request_ids)
 
 
 def connect_task_signals(metrics: WorkerMetrics) -> Callable[[], None]:
