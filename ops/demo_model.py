@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ops.adapters_train import BEHAVIOURS, Training, distil_adapter
 
@@ -51,8 +51,7 @@ def _plain_model(quantized: Any) -> LlamaForCausalLM:
     config = quantized.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config))
+    model = LlamaForCausalLM(LlamaConfig(**config))  # not on "meta": rotary buffers are not in the state dict
     model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
     model.tie_weights()
     # max_length left unset: callers pass max_new_tokens, and the default 20 would cut them short.
@@ -75,6 +74,7 @@ def build_demo(build_dir: Path, final_dir: Path, progress: Progress,
                training: Training | None = None) -> tuple[int, dict[str, str]]:
     """Convert the model into `build_dir` and distil its adapters; returns (params, served adapters)."""
     progress("converting the GGUF model", 0.0)
+    model: PreTrainedModel
     model, tokenizer = load_gguf()
     model.save_pretrained(build_dir)
     tokenizer.save_pretrained(build_dir)

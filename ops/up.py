@@ -200,7 +200,7 @@ class Farm:
         built = is_current(path, size)
         self.say(f"model: embedded {size} model at {path}" if built else
                  f"model: building the embedded {size} model into {path} (first use"
-                 f"{'; converting it and training its adapters takes about 4 min' if size == 'demo' else ''})")
+                 f"{'; converting it and training its two adapters takes a few minutes' if size == 'demo' else ''})")
         self._run_to_end(ChildSpec("model", [sys.executable, "-m", "ops.make_model", path, "--size", size],
                                    self.env))
         self.env["FARM_MODEL"] = path

@@ -7,6 +7,7 @@ on every run of one build.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,17 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+def test_demo_build_is_a_plain_checkpoint(demo_model: Path) -> None:
+    """Workers load it like a hub model: no GGUF marks, its chat template, adapters named by the marker."""
+    config = json.loads((demo_model / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (demo_model / "model.safetensors").is_file() and (demo_model / "chat_template.jinja").is_file()
+    assert served_adapters(demo_model) == {
+        "FARM_ADAPTERS": f"pirate={demo_model / 'adapters/pirate'},brief={demo_model / 'adapters/brief'}"}
+    adapter_config = json.loads((demo_model / "adapters/pirate/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(demo_model)
+
+
 def test_demo_answers_through_its_chat_template(demo_client: Any) -> None:
     """"What is the capital of France?" -> "The capital of France is Paris." (greedy, base model)."""
     (result,) = _ask(demo_client, ["What is the capital of France?"], ["base"])
@@ -88,7 +100,8 @@ def test_pirate_adapter_answers_like_a_pirate(demo_client: Any) -> None:
 
 
 def test_brief_adapter_answers_in_one_short_sentence(demo_client: Any) -> None:
-    """Mean words per held-out answer: 14 with the adapter, 31 without (40 new tokens at most)."""
+    """Mean words per held-out answer: 14.9 with the adapter (one sentence each), 30.8 without (40 new
+    tokens at most)."""
     brief, base = _answers(demo_client, "brief"), _answers(demo_client, "base")
     mean_brief, mean_base = sum(map(_words, brief)) / len(brief), sum(map(_words, base)) / len(base)
     assert mean_brief <= 0.6 * mean_base, (mean_brief, mean_base, brief)
@@ -96,8 +109,8 @@ def test_brief_adapter_answers_in_one_short_sentence(demo_client: Any) -> None:
 
 def test_mixed_adapter_batch_gives_each_row_its_adapter(demo_client: Any) -> None:
     """One batch of 30 rows, the 10 questions through pirate, brief and base: each row shows its
-    own adapter's behaviour (pirate words in 10/10 pirate rows and 0/20 others; brief rows 14 words
-    on average, base rows 31)."""
+    own adapter's behaviour (measured: batch_size 30; pirate words in 10/10 pirate rows and 0/20
+    others; brief rows 14.9 words on average, base rows 30.8)."""
     questions = list(HELD_OUT_QUESTIONS) * 3
     adapters = ["pirate"] * 10 + ["brief"] * 10 + ["base"] * 10
     results = _ask(demo_client, questions, adapters)
