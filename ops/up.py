@@ -30,6 +30,7 @@ from ops.supervise import ChildSpec, Output, Supervisor
 from protocol.errors import SettingsError
 from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import heartbeat_key
+from ops.model_cache import is_current, served_adapters
 from protocol.ownership import Sweeper
 from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
 from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
@@ -191,14 +192,15 @@ class Farm:
             return
         size = self.opts.model_size
         path = default_model_path() if size == "demo" else str(project_root() / ".farm" / "models" / size)
-        self.say(f"model: embedded {size} model at {path} (built on first use"
-                 f"{'; the demo trains for about 2 min' if size == 'demo' else ''})")
+        built = is_current(path, size)
+        self.say(f"model: embedded {size} model at {path}" if built else
+                 f"model: building the embedded {size} model into {path} (first use"
+                 f"{'; converting it and training its two adapters takes a few minutes' if size == 'demo' else ''})")
         self._run_to_end(ChildSpec("model", [sys.executable, "-m", "ops.make_model", path, "--size", size],
                                    self.env))
         self.env["FARM_MODEL"] = path
         if not (self.settings.adapter or self.settings.adapters):
-            self.env["FARM_ADAPTER"] = str(Path(path) / "adapter")
-            self.env["FARM_ADAPTERS"] = f"second={Path(path) / 'adapter2'}"
+            self.env.update(served_adapters(path))
 
     def _run_to_end(self, spec: ChildSpec) -> None:
         child = self.supervisor.start(spec)
