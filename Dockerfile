@@ -7,7 +7,7 @@ ENV PYTHONUNBUFFERED=1 PYTHONPATH=/app PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSIO
 WORKDIR /app
 
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+RUN pip install -r requirements.txt && pip install --no-deps $(sed -n 's/^# no-deps: //p' requirements.txt)
 
 COPY protocol protocol
 COPY worker worker

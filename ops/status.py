@@ -1,6 +1,6 @@
 """``farm status``: Redis, the workers online and the queues, in one screen.
 
-Everything comes from Redis: the workers' heartbeat records (``FarmClient.workers()``) and the
+Everything comes from Redis: the workers' heartbeat records (``FarmClient.heartbeats()``) and the
 queue lengths (``FarmClient.queue_depths()``). If Redis does not answer, one line says so and
 the exit code is 1.
 """
@@ -18,16 +18,17 @@ from rich.console import Console
 from rich.table import Table
 
 from protocol.errors import FarmUnavailable
+from protocol.heartbeat import WorkerHeartbeat
 from protocol.settings import FarmSettings
 
 
-def workers_table(workers: list[dict[str, Any]], now: float | None = None) -> Table:
+def workers_table(workers: list[WorkerHeartbeat], now: float | None = None) -> Table:
     """One row per worker: where it runs, what it serves, how it batches."""
     now = time.time() if now is None else now
     table = Table(title=f"Workers online: {len(workers)}", title_justify="left")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column == "worker")
-    for w in sorted(workers, key=lambda w: str(w.get("name", ""))):
+    for w in sorted(workers, key=lambda w: w.name):
         table.add_row(*worker_row(w, now))
     return table
 
@@ -37,28 +38,25 @@ COLUMNS = ("worker", "host", "device", "model", "quant", "state", "batches", "re
 NUMERIC = set(COLUMNS[6:])
 
 
-def worker_row(w: dict[str, Any], now: float) -> list[str]:
-    device = str(w.get("device", "?"))
-    if w.get("cuda_visible_devices"):
-        device += f" (GPU {w['cuda_visible_devices']})"
+def worker_row(w: WorkerHeartbeat, now: float) -> list[str]:
+    device = w.device or "?"
+    if w.cuda_visible_devices:
+        device += f" (GPU {w.cuda_visible_devices})"
     return [
-        str(w.get("name", "?")), str(w.get("host", "?")), device, Path(str(w.get("model", "?"))).name or "?",
-        str(w.get("quant", "?")), "ready" if w.get("ready") else "loading",
-        str(w.get("batches", 0)), str(w.get("requests", 0)), f"{float(w.get('mean_batch_size', 0.0)):.1f}",
-        f"{float(w.get('tokens_per_second', 0.0)):.1f}", f"{w.get('running', 0)}/{w.get('waiting', 0)}",
-        _seconds(w.get("queue_wait_seconds")), _seconds(w.get("first_token_seconds")),
-        _millis(w.get("decode_seconds_per_token")),
-        str(w.get("failed", 0)), f"{max(0.0, now - float(w.get('updated_at', now))):.0f}s ago",
-        str(w.get("metrics_port") or "-"),
+        w.name or "?", w.host or "?", device, Path(w.model_path).name or "?", w.quant, w.state,
+        str(w.batches), str(w.requests), f"{w.mean_batch_size:.1f}", f"{w.tokens_per_second:.1f}",
+        f"{w.running}/{w.waiting}", _seconds(w.queue_wait_seconds), _seconds(w.first_token_seconds),
+        _millis(w.decode_seconds_per_token), str(w.failed), f"{w.seconds_since_beat(now):.0f}s ago",
+        str(w.metrics_port or "-"),
     ]
 
 
-def _seconds(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.2f}s"
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
 
 
-def _millis(value: Any) -> str:
-    return "-" if value is None else f"{float(value) * 1000:.1f}"
+def _millis(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
 
 
 def queues_table(depths: dict[str, int]) -> Table:
@@ -76,7 +74,7 @@ def snapshot(settings: FarmSettings) -> dict[str, Any]:
 
     client = FarmClient(settings=settings)
     client.ping()
-    return {"redis": settings.redacted_redis_url(), "workers": client.workers(), "queues": client.queue_depths()}
+    return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "queues": client.queue_depths()}
 
 
 def render(state: dict[str, Any], console: Console) -> None:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farm status: {error.message}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(state, indent=2))
+        print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]]}, indent=2))
     else:
         render(state, Console())
     return 0

@@ -179,6 +179,3 @@ class Supervisor:
             for child in members:
                 child.stop()
                 self.output.say(f"stopped {child.name}")
-
-    def pids(self) -> list[int]:
-        return [c.pid for c in self.children if c.pid is not None]

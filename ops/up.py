@@ -3,7 +3,7 @@
 It builds the demo model if needed, starts Redis if ``FARM_REDIS_URL`` is not reachable and
 points here, then the workers (one per GPU, or one on the CPU), Flower and the Gradio UI. It
 prints each URL, waits until every worker's heartbeat says its model is loaded, streams the
-children's logs with a ``[name]`` prefix, restarts a worker that dies (with backoff) and, on
+children's logs with a ``[name]`` prefix, restarts a worker or Redis that dies (with backoff) and, on
 Ctrl-C or SIGTERM, stops everything it started: UI, Flower, workers, then Redis.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -29,9 +28,12 @@ import redis
 from ops.flower import check_auth, is_loopback
 from ops.supervise import ChildSpec, Output, Supervisor
 from protocol.errors import SettingsError
+from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import heartbeat_key
+from ops.model_cache import is_current, served_adapters
+from protocol.ownership import Sweeper
 from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
-from worker.devices import WorkerPlan, count_gpus, plan_workers
+from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
 
 DEFAULT_METRICS_PORT = 9400
 """First worker's Prometheus port when ``FARM_METRICS_PORT`` is unset (the next worker gets +1)."""
@@ -101,15 +103,9 @@ def plan_gpus(gpus: str, gpu_count: int, host: str | None = None) -> list[Worker
 
 def worker_specs(plans: list[WorkerPlan], env: dict[str, str], metrics_port: int,
                  loglevel: str) -> list[ChildSpec]:
-    """One pinned worker process per plan, each with its own name and metrics port."""
-    specs = []
-    for index, plan in enumerate(plans):
-        name = (env.get("FARM_WORKER_NAME") if len(plans) == 1 else None) or plan.name
-        child_env = {**env, **plan.env, "FARM_WORKER_NAME": name,
-                     "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)}
-        cmd = [sys.executable, "-m", "worker.main", "--device", plan.device, "--in-process", "--loglevel", loglevel]
-        specs.append(ChildSpec(name, cmd, child_env, restart=True, stop_timeout=30))
-    return specs
+    """One pinned worker process per plan, each with its own name and metrics port, restarted when it dies."""
+    return [ChildSpec(launch.name, launch.cmd, launch.env, restart=True, stop_timeout=30)
+            for launch in worker_launches(plans, env, metrics_port, loglevel)]
 
 
 def flower_spec(env: dict[str, str], host: str, port: int) -> ChildSpec:
@@ -143,7 +139,7 @@ def redis_spec(url: str, data_dir: Path) -> ChildSpec:
     if parts.password:
         config.append(f"requirepass {parts.password}")
     return ChildSpec("redis", ["redis-server", "-"], {**os.environ}, stdin="\n".join(config).encode() + b"\n",
-                     stop_timeout=30)
+                     stop_timeout=30, restart=True)  # from its append-only file: queues and results kept
 
 
 def is_this_machine(host: str) -> bool:
@@ -207,14 +203,15 @@ class Farm:
             return
         size = self.opts.model_size
         path = default_model_path() if size == "demo" else str(project_root() / ".farm" / "models" / size)
-        self.say(f"model: embedded {size} model at {path} (built on first use"
-                 f"{'; the demo trains for about 2 min' if size == 'demo' else ''})")
+        built = is_current(path, size)
+        self.say(f"model: embedded {size} model at {path}" if built else
+                 f"model: building the embedded {size} model into {path} (first use"
+                 f"{'; converting it and training its two adapters takes a few minutes' if size == 'demo' else ''})")
         self._run_to_end(ChildSpec("model", [sys.executable, "-m", "ops.make_model", path, "--size", size],
                                    self.env))
         self.env["FARM_MODEL"] = path
         if not (self.settings.adapter or self.settings.adapters):
-            self.env["FARM_ADAPTER"] = str(Path(path) / "adapter")
-            self.env["FARM_ADAPTERS"] = f"second={Path(path) / 'adapter2'}"
+            self.env.update(served_adapters(path))
 
     def _run_to_end(self, spec: ChildSpec) -> None:
         child = self.supervisor.start(spec)
@@ -283,7 +280,7 @@ class Farm:
             self.supervisor.poll()
             records = self._ready_records(client)
             if records is not None:
-                models = sorted({str(r.get("model")) for r in records})
+                models = sorted({r.model_path for r in records})
                 self.say(f"ready: {len(records)} worker(s) serving {', '.join(models)}; Ctrl-C stops the farm")
                 return True
             if time.monotonic() > deadline:
@@ -291,21 +288,24 @@ class Farm:
                 deadline = float("inf")
         return False
 
-    def _ready_records(self, client: redis.Redis) -> list[dict[str, Any]] | None:
+    def _ready_records(self, client: redis.Redis) -> list[WorkerHeartbeat] | None:
         """Heartbeats of all our workers once each says ready, else None. The pid must be our
         child's: a record left by an earlier run under the same name does not count."""
         records = []
         for child in self.supervisor.children:
             if child.name in {spec.name for spec in self.workers}:
                 record = _heartbeat(client, child.name)
-                if record is None or not record.get("ready") or record.get("pid") != child.pid:
+                if record is None or not record.ready or record.pid != child.pid:
                     return None
                 records.append(record)
         return records
 
     def supervise(self) -> None:
+        sweeper = Sweeper(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=1, socket_timeout=2),
+                          self.settings.heartbeat_seconds)  # dead workers' messages back in seconds
         while not self.stopping.wait(0.5):
             self.supervisor.poll()
+            sweeper.poll()
 
     def stop(self) -> None:
         self.say("stopping the farm (UI, Flower, workers, then Redis)")
@@ -334,12 +334,12 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _heartbeat(client: redis.Redis, name: str) -> dict[str, Any] | None:
+def _heartbeat(client: redis.Redis, name: str) -> WorkerHeartbeat | None:
     try:
-        raw = client.get(heartbeat_key(name))
-    except redis.RedisError:
+        beats = read_heartbeats([client.get(heartbeat_key(name))])
+    except redis.RedisError:  # Redis restarting: ask again at the next poll
         return None
-    return json.loads(raw) if raw else None
+    return beats[0] if beats else None
 
 
 def run(opts: UpOptions, settings: FarmSettings, output: Output) -> int:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from producer.client import FarmClient
-from producer.files import FORMATS, PromptFileError, ResultFileError, Written, check_rows, iter_rows, scan_results
-from producer.jobs import Job, JobProgress
+from producer.files import (FORMATS, PromptFileError, ResultFileError, Written, check_named, check_rows, choose_job_id,
+                            iter_rows, result_line, scan_results)
+from producer.jobs import Job, JobProgress, format_duration
+from producer.watch import watching
 from protocol.errors import FarmError, FarmUnavailable, SettingsError
 from protocol.schema import GenerationResult, Limits
 from protocol.settings import FarmSettings
@@ -112,11 +114,12 @@ def submit_command(argv: list[str]) -> int:
     written = scan_results(args.output)
     job_id = choose_job_id(args.job_id, written, summary.fingerprint, args.output)
     client = _client(args, settings)
+    check_named(args.file, summary, client.limits())  # adapters: known once the farm is reached
     _warn_without_workers("submit", client)
     rows = (row.data for row in iter_rows(args.file, args.format, args.column))
     job = client.submit_job(rows, job_id, total=summary.rows, window=args.window,
                             fingerprint=summary.fingerprint, **params)
-    with job:
+    with job, watching(client.settings, "submit"):  # says so when Redis stops answering
         _announce(job, summary.rows, written, args.output)
         try:
             failed = written.failed + write_results(job, args.output, written, args.quiet)
@@ -124,15 +127,6 @@ def submit_command(argv: list[str]) -> int:
             return _fail("submit", f"interrupted; rerun the same command to resume job {job.id}", EXIT_INTERRUPTED)
         print(job.progress().summary(), file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_FAILED
-
-
-def choose_job_id(given: str | None, written: Written, fingerprint: str, output: Path) -> str:
-    """The job to run: given, else the one whose results ``output`` holds, else one named after
-    the prompts and parameters (so rerunning the same command resumes the same job)."""
-    if given and written.job_id and given != written.job_id:
-        raise ResultFileError(f"{output} holds results of job {written.job_id}, not {given}; "
-                              "pass another output file (-o)")
-    return given or written.job_id or f"j{fingerprint[:20]}"
 
 
 def _announce(job: Job, total: int, written: Written, output: Path) -> None:
@@ -153,10 +147,6 @@ def write_results(job: Job, output: Path, written: Written, quiet: bool) -> int:
             append(result_line(job.id, index, result))
             failed += result.finish_reason not in ("length", "stop")
     return failed
-
-
-def result_line(job_id: str, index: int, result: GenerationResult) -> str:
-    return json.dumps({"index": index, "job_id": job_id, **result.to_dict()}, ensure_ascii=False) + "\n"
 
 
 @contextmanager
@@ -222,7 +212,7 @@ def _rich_progress(job: Job, stop: threading.Event) -> Any:
 
 
 def _update_bar(bar: Any, task: Any, p: JobProgress) -> None:
-    eta = "-" if p.eta_seconds is None else f"{int(p.eta_seconds) // 60}:{int(p.eta_seconds) % 60:02d}"
+    eta = "-" if p.eta_seconds is None else format_duration(p.eta_seconds)
     trouble = ", ".join(f"{n} {what}" for n, what in ((p.failed, "failed"), (p.cancelled, "cancelled")) if n)
     bar.update(task, completed=p.completed, total=p.total, eta=eta, failed=trouble,
                rate=f"{p.rows_per_second:.1f} rows/s {p.tokens_per_second:.0f} tok/s")

@@ -12,27 +12,21 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import redis
-from kombu.exceptions import OperationalError
-
-from protocol.celery_app import make_celery
-from protocol.errors import ErrorCode, FarmError, FarmUnavailable, RequestError
-from protocol.names import (GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES,
-                            cancel_key, stream_key, submitted_key)
+from protocol.errors import RequestError
+from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
+from protocol.names import GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES, submitted_key
 from protocol.schema import GenerationRequest, GenerationResult, Limits
-from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 
-if TYPE_CHECKING:
-    from producer.jobs import Job
+from producer.connection import (CLIENT_RETRIES, OUTAGE_GRACE, READY_STATES, Events, FarmConnection, Outage,
+                                 Reachable, result_from_meta)
+from producer.follow import Follower, follow
+from producer.jobs import Job
 
-READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
-CLIENT_RETRIES = 3
-"""A call retries about 1 s of Redis downtime before reporting it unreachable (a user waits)."""
-OUTAGE_GRACE = 60.0
-"""A request already submitted waits this long for Redis to come back (a restart)."""
+__all__ = ["CLIENT_RETRIES", "OUTAGE_GRACE", "READY_STATES", "FarmClient", "RequestHandle", "RequestStatus",
+           "result_from_meta"]
 
 
 @dataclass
@@ -55,8 +49,9 @@ class FarmClient:
     def __init__(self, redis_url: str | None = None, settings: FarmSettings | None = None) -> None:
         base = settings or FarmSettings.from_env()
         self.settings = dataclasses.replace(base, redis_url=redis_url or base.redis_url)
-        self.app = make_celery(self.settings, name="batchfarm-client")
-        self.redis = connect(self.settings.redis_url, retries=CLIENT_RETRIES)
+        self.connection = FarmConnection(self.settings)
+        self.app = self.connection.app
+        self.redis = self.connection.redis
 
     # --- submitting ---------------------------------------------------------------------------
     def validate(self, prompt: str | None = None, **params: Any) -> GenerationRequest:
@@ -92,36 +87,38 @@ class FarmClient:
         """Follow a request submitted elsewhere."""
         return RequestHandle(self, request_id)
 
-    # --- bulk jobs (producer/jobs.py) ---------------------------------------------------------
+    # --- bulk jobs (producer/jobs/) ---------------------------------------------------------
     def submit_job(self, prompts: Iterable[Any], job_id: str | None = None, *, total: int | None = None,
                    window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
         """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
         the ``bulk`` queue, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
-        ``<job_id>:<i>``. Resubmitting a job id sends only the rows never sent."""
-        from producer.jobs import Job
-
-        return Job.submit(self, prompts, job_id, total=total, window=window, fingerprint=fingerprint, **params)
+        ``<job_id>:<i>``. Resubmitting a job id with the same prompts sends only the rows never sent;
+        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``."""
+        return Job.submit(self.connection, self.limits(), prompts, job_id, total=total, window=window,
+                          fingerprint=fingerprint, **params)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job submitted by any process: progress, results, cancel, retry."""
-        from producer.jobs import Job
-
-        return Job.attach(self, job_id)
+        return Job.attach(self.connection, self.limits(), job_id)
 
     # --- the farm's state ---------------------------------------------------------------------
     def limits(self) -> Limits:
         """Request limits; adapters are those the online workers offer (unknown if none)."""
         adapters: set[str] = set()
-        for worker in self.workers():
-            adapters.update(worker.get("adapters", []))
+        for worker in self.heartbeats():
+            adapters.update(worker.adapters)
         return Limits.from_settings(self.settings, sorted(adapters) if adapters else None)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Heartbeat records of the workers online."""
+        """Heartbeat records of the workers online, in their json form (``heartbeats()`` typed)."""
+        return [beat.to_dict() for beat in self.heartbeats()]
+
+    def heartbeats(self) -> list[WorkerHeartbeat]:
+        """The workers online, by name."""
         with self._reachable():
             keys = sorted(self.redis.scan_iter(match=HEARTBEAT_PATTERN, count=100))
             values = self.redis.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v]
+        return read_heartbeats(values)
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting in each queue (not yet reserved by a worker)."""
@@ -138,42 +135,18 @@ class FarmClient:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request: a queued one never runs, a running one stops at its next token."""
-        with self._reachable():
-            self.redis.set(cancel_key(request_id), "1", ex=self.settings.result_expires)
-        self.app.control.revoke(request_id)
+        self.connection.cancel([request_id])
 
     # --- reading results ----------------------------------------------------------------------
     def task_meta(self, request_id: str) -> dict[str, Any]:
-        with self._reachable():
-            return dict(self.app.backend.get_task_meta(request_id))
+        return self.connection.task_meta(request_id)
 
-    def read_events(self, request_id: str, after: str = "0", block_ms: int | None = None,
-                    ) -> list[tuple[str, dict[str, Any]]]:
+    def read_events(self, request_id: str, after: str = "0", block_ms: int | None = None) -> Events:
         """Stream events after ``after``: ``[(event_id, {"type": ..., ...})]``."""
-        with self._reachable():
-            reply: Any = self.redis.xread({stream_key(request_id): after}, block=block_ms, count=1000)
-        if not reply:
-            return []
-        return [(_text(eid), json.loads(fields[b"event"])) for eid, fields in reply[0][1]]
+        return self.connection.read_events(request_id, after, block_ms)
 
-    def _reachable(self) -> _Reachable:
-        return _Reachable(self.settings)
-
-
-class _Reachable:
-    """Turns connection failures into ``FarmUnavailable`` naming the URL and the remedy."""
-
-    def __init__(self, settings: FarmSettings) -> None:
-        self.settings = settings
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
-        if isinstance(error, redis.ConnectionError | redis.TimeoutError | OperationalError):
-            raise FarmUnavailable(ErrorCode.REDIS_UNREACHABLE, (
-                f"Redis at {self.settings.redacted_redis_url()} is unreachable ({error}); start the "
-                "farm with `./farm up`, or point FARM_REDIS_URL at a running Redis")) from None
+    def _reachable(self) -> Reachable:
+        return self.connection.reachable()
 
 
 class RequestHandle:
@@ -189,35 +162,11 @@ class RequestHandle:
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the result; raises ``TimeoutError`` after ``timeout`` seconds. A Redis outage
         shorter than ``OUTAGE_GRACE`` seconds (a restart) is waited out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = _Cursor()
-        outage = _Outage()
-        while True:
-            remaining = _remaining(deadline)
-            try:
-                result = self._poll(cursor, remaining)
-            except FarmUnavailable as error:
-                outage.wait_or_raise(error)
-                continue
-            outage.clear()
-            if result is not None:
-                return result
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-
-    def _poll(self, cursor: _Cursor, remaining: float | None) -> GenerationResult | None:
-        meta = self.client.task_meta(self.id)
-        if meta.get("status") in READY_STATES:
-            return result_from_meta(self.id, meta)
-        if cursor.ended:  # the end event precedes Celery's stored result by a moment
-            time.sleep(0.005)
-            return None
-        # Block on the request's stream: the worker's next event wakes us.
-        events = self.client.read_events(self.id, cursor.after, block_ms=_block_ms(remaining))
-        if events:
-            cursor.after = events[-1][0]
-            cursor.ended = any(e["type"] == "end" for _, e in events)
-        return None
+        follower = Follower(until_result=True)
+        for _ in self.follow(follower, timeout, outage=Outage()):
+            pass
+        assert follower.meta is not None  # the follower is done only with the stored result
+        return result_from_meta(self.id, follower.meta)
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
         """Text deltas as the worker generates them; their concatenation is the final text."""
@@ -227,20 +176,13 @@ class RequestHandle:
 
     def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """All stream events (start, delta, end); ends after ``end`` or when the task is over."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        after = "0"
-        while True:
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"request {self.id} not finished after {timeout}s")
-            events = self.client.read_events(self.id, after, block_ms=_block_ms(remaining))
-            for event_id, event in events:
-                after = event_id
-                yield event
-                if event["type"] == "end":
-                    return
-            if not events and self.client.task_meta(self.id).get("status") in READY_STATES:
-                return  # finished without a stream: refused before it reached the engine
+        for events in self.follow(Follower(), timeout):
+            yield from events
+
+    def follow(self, follower: Follower, timeout: float | None = None, block_ms: int = 1000,
+               outage: Outage | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Drive ``follower`` over this request (see ``producer.follow``)."""
+        return follow(self.client.connection, self.id, follower, timeout=timeout, block_ms=block_ms, outage=outage)
 
     def status(self) -> RequestStatus:
         """Queued, running (on which worker, in a batch of how many), done, failed or cancelled."""
@@ -258,59 +200,9 @@ class RequestHandle:
         text = "".join(str(e.get("text", "")) for _, e in events if e["type"] == "delta")
         if starts:
             return RequestStatus("running", starts[-1].get("worker"), starts[-1].get("batch_size"), text)
-        with self.client._reachable():
-            known = self.client.redis.exists(submitted_key(self.id))
-        if not known:
+        if not self.client.connection.is_submitted(self.id):
             return RequestStatus("unknown")
         return RequestStatus("queued", queue_depth=sum(self.client.queue_depths().values()))
 
     def cancel(self) -> None:
         self.client.cancel(self.id)
-
-
-@dataclass
-class _Cursor:
-    after: str = "0"
-    ended: bool = False
-
-
-class _Outage:
-    """How long Redis has been unreachable while we wait for a result."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-
-    def wait_or_raise(self, error: FarmUnavailable) -> None:
-        now = time.monotonic()
-        self.since = self.since or now
-        if now - self.since > OUTAGE_GRACE:
-            raise error
-        time.sleep(0.5)
-
-    def clear(self) -> None:
-        self.since = None
-
-
-def result_from_meta(request_id: str, meta: dict[str, Any]) -> GenerationResult:
-    """A Celery result record as a ``GenerationResult`` (failures and revocations included)."""
-    status, value = meta.get("status"), meta.get("result")
-    if status == "SUCCESS" and isinstance(value, dict):
-        return GenerationResult.from_dict(value)
-    if status == "REVOKED":
-        return GenerationResult(id=request_id, finish_reason="cancelled")
-    if isinstance(value, FarmError):
-        return GenerationResult.failed(request_id, value)
-    message = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
-    return GenerationResult.failed(request_id, FarmError(ErrorCode.INTERNAL, message))
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
-
-
-def _block_ms(remaining: float | None) -> int:
-    return 1000 if remaining is None else max(1, min(1000, int(remaining * 1000)))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -12,15 +12,17 @@ Blank lines are skipped in every format.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocol.errors import RequestError
-from protocol.schema import GenerationRequest, Limits
+from protocol.schema import NAMED_CHECKS, GenerationRequest, GenerationResult, Limits
+
+from producer.jobs.fingerprint import Fingerprint
 
 FORMATS = ("auto", "jsonl", "csv", "text")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
@@ -53,6 +55,9 @@ class FileSummary:
     rows: int
     fingerprint: str
     """sha256 of the rows' content, to recognise the same job when a command is rerun."""
+    named: tuple[tuple[str, Any, int], ...] = ()
+    """``(field, value, line)``: each resource the rows name (``NAMED_CHECKS``: adapters), with
+    the first line naming it; checked by ``check_named`` against what the workers offer."""
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -90,23 +95,38 @@ def _decoded(path: Path, handle: Any) -> Iterator[str]:
 
 def check_rows(path: Path, params: dict[str, Any], limits: Limits, fmt: str = "auto",
                column: str = "prompt") -> FileSummary:
-    """Read every row and validate it with the job parameters, before anything is enqueued."""
-    digest = hashlib.sha256(_canonical(params).encode())
+    """Read every row and validate it with the job parameters, before anything is enqueued.
+    Resources named by rows are checked against ``limits`` here when it knows them, and listed
+    in the summary for ``check_named`` (a farm reached after the file was read)."""
+    fingerprint = Fingerprint(params)
+    named: dict[tuple[str, Any], int] = {}
     count = 0
     for row in iter_rows(path, fmt, column):
-        try:
+        with _at_line(path, row.line):
             GenerationRequest.from_dict({**params, **row.data}, limits)
-        except RequestError as error:
-            raise PromptFileError(path, error.message, row.line) from None
-        digest.update(_canonical(row.data).encode() + b"\n")
+        for name in NAMED_CHECKS.keys() & row.data.keys():
+            named.setdefault((name, row.data[name]), row.line)  # hashable: from_dict checked it
+        fingerprint.add(row.data)
         count += 1
     if count == 0:
         raise PromptFileError(path, "has no prompts")
-    return FileSummary(count, digest.hexdigest())
+    return FileSummary(count, fingerprint.hexdigest(), tuple((n, v, line) for (n, v), line in named.items()))
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def check_named(path: Path, summary: FileSummary, limits: Limits) -> None:
+    """Refuse a resource (an adapter) named by a row that no online worker offers, with the line
+    of the first row naming it, as ``check_rows`` refuses any other field."""
+    for name, value, line in sorted(summary.named, key=lambda entry: entry[2]):
+        with _at_line(path, line):
+            NAMED_CHECKS[name]({name: value}, limits)
+
+
+@contextmanager
+def _at_line(path: Path, line: int) -> Iterator[None]:
+    try:
+        yield
+    except RequestError as error:
+        raise PromptFileError(path, error.message, line) from None
 
 
 def _jsonl_row(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -220,3 +240,17 @@ def _same_job(path: Path, number: int, job_id: str | None, found: Any) -> str | 
     if job_id is not None and found != job_id:
         raise ResultFileError(f"{path} line {number}: result of job {found}, earlier lines of job {job_id}")
     return job_id if job_id is not None else str(found) if found is not None else None
+
+
+def choose_job_id(given: str | None, written: Written, fingerprint: str, output: Path) -> str:
+    """The job to run: given, else the one whose results ``output`` holds, else one named after
+    the prompts and parameters (so rerunning the same command resumes the same job)."""
+    if given and written.job_id and given != written.job_id:
+        raise ResultFileError(f"{output} holds results of job {written.job_id}, not {given}; "
+                              "pass another output file (-o)")
+    return given or written.job_id or f"j{fingerprint[:20]}"
+
+
+def result_line(job_id: str, index: int, result: GenerationResult) -> str:
+    """One line of a results file: the row's index and job, then the result's fields."""
+    return json.dumps({"index": index, "job_id": job_id, **result.to_dict()}, ensure_ascii=False) + "\n"

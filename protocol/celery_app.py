@@ -6,19 +6,20 @@ from celery import Celery
 from kombu import Queue
 
 from protocol.names import INTERACTIVE_QUEUE, QUEUES
+from protocol.results import BACKEND as FIRST_RESULT_BACKEND
 from protocol.settings import FarmSettings
 
 
 def make_celery(settings: FarmSettings, name: str = "batchfarm") -> Celery:
     """A Celery app configured for the farm's contract (json only, late acks, two queues)."""
-    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url,
+    app = Celery(name, broker=settings.redis_url, backend=f"{FIRST_RESULT_BACKEND}+{settings.redis_url}",
                  set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
 
 
 def celery_config(settings: FarmSettings) -> dict[str, object]:
-    """Celery settings; each is part of the farm's safety contract (see DESIGN.md)."""
+    """Celery settings; each is part of the farm's safety contract (docs/DESIGN.md, "Celery settings")."""
     transport = {
         # Above the longest batch, so a slow batch is not redelivered while it still runs.
         "visibility_timeout": settings.visibility_timeout,
@@ -30,6 +31,9 @@ def celery_config(settings: FarmSettings) -> dict[str, object]:
         # The lock around that scan outlives a worker killed while holding it; kombu's 300 s
         # would pause every redelivery for five minutes. A scan takes milliseconds.
         "unacked_mutex_expire": 15,
+        # A Redis that accepts and never answers is a broken connection within seconds.
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
     }
     return {
         # json only: pickle would let anyone who can write to Redis run code in the worker.
@@ -46,6 +50,8 @@ def celery_config(settings: FarmSettings) -> dict[str, object]:
         "worker_concurrency": settings.max_inflight,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "redis_socket_timeout": settings.redis_socket_timeout,
+        "redis_socket_connect_timeout": settings.redis_connect_timeout,
         # Ride out a Redis restart: storing a result and publishing a message retry with backoff.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 20,

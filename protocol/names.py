@@ -52,3 +52,52 @@ def redeliveries_key() -> str:
 def job_key(job_id: str) -> str:
     """Hash describing a bulk job (total rows, params, state)."""
     return f"{PREFIX}job:{job_id}"
+
+
+class JobKeys:
+    """Redis keys of one bulk job, beside Celery's results of its rows ``<job_id>:<i>``:
+
+    - ``info``: hash with ``total`` (-1 until a lazy source runs out), ``params``, ``created``,
+      ``state`` (running, finished, cancelled), ``fingerprint`` (optional, of the prompts)
+    - ``sent``, ``ok``, ``failed``, ``cancelled``: bitmaps, bit ``i`` is row ``i``
+    - ``rows``: index -> request json of the rows in flight or failed (for a retry)
+    - ``sending``: set of the rows of the chunk being enqueued right now (a producer killed in the
+      middle of a chunk leaves them there for the next one to settle)
+    - ``producer``: the lease of the one process that sends the job's rows
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.info = job_key(job_id)
+        self.sent, self.ok, self.failed, self.cancelled, self.rows, self.sending, self.producer = (
+            f"{self.info}:{name}" for name in ("sent", "ok", "failed", "cancelled", "rows", "sending", "producer"))
+
+    def bitmaps(self) -> list[str]:
+        """sent, ok, failed, cancelled: the order ``producer.jobs.book_from_bitmaps`` takes them."""
+        return [self.sent, self.ok, self.failed, self.cancelled]
+
+    def all(self) -> list[str]:
+        """The keys that expire with the job (the lease expires by itself)."""
+        return [self.info, *self.bitmaps(), self.rows, self.sending]
+
+
+# kombu's Redis transport keeps the messages a worker reserved (delivered, not yet acknowledged)
+# under these keys; a producer peeks there to tell whether a message made it to the broker.
+KOMBU_UNACKED = "unacked"
+"""Hash: delivery tag -> json ``[message, exchange, routing_key]``."""
+KOMBU_UNACKED_INDEX = "unacked_index"
+"""Sorted set: delivery tag -> time reserved (what redelivery after the visibility timeout scans)."""
+
+
+def owners_key() -> str:
+    """Hash: delivery tag of each reserved message -> ``<owner>\\n<queue key>`` (who holds it)."""
+    return f"{PREFIX}owners"
+
+
+def alive_key(owner: str) -> str:
+    """Set with a short expiry by a live worker process; its messages are restored once it lapses."""
+    return f"{PREFIX}alive:{owner}"
+
+
+def duplicates_key() -> str:
+    """Counter of late results dropped because the request already had a stored result."""
+    return f"{PREFIX}duplicates"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from protocol.errors import ErrorCode, FarmError, RequestError
@@ -239,3 +240,9 @@ def _adapter(data: dict[str, Any], limits: Limits) -> str | None:
             "adapter", f"unknown adapter {value!r} (offered: {', '.join(limits.adapters)})",
             ErrorCode.UNKNOWN_ADAPTER)
     return value
+
+
+NAMED_CHECKS: dict[str, Callable[[dict[str, Any], Limits], Any]] = {"adapter": _adapter}
+"""Request fields that name a resource the workers offer (their heartbeat, in ``Limits``), with
+their checks: a prompt file read before the farm is reached is checked for these again once it
+is (``producer.files.check_named``). Model routing adds ``"model"`` here."""

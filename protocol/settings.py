@@ -41,6 +41,11 @@ class FarmSettings:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Broker, result backend and stream store."""
+    redis_socket_timeout: float = 3.0
+    """Seconds a Redis reply may take before the connection counts as broken (above the 1 s
+    blocking reads of clients); a Redis that accepts and never answers fails within seconds."""
+    redis_connect_timeout: float = 2.0
+    """Seconds to open a connection to Redis."""
     model: str = field(default_factory=default_model_path)
     """A hub name or a local path of a causal LM."""
     adapter: str = ""

@@ -5,7 +5,6 @@ Everything started here is stopped here, by PID. Nothing depends on a Redis alre
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import redis
 
 from bench.procs import free_port
 from bench.procs import stop as stop_process
+from protocol.heartbeat import WorkerHeartbeat
+from protocol.names import heartbeat_key
 
 pytest_plugins = ["tests.reliability_report"]
 
@@ -107,9 +108,9 @@ class WorkerProcess:
     def stop(self) -> None:
         stop_process(self.process)
 
-    def heartbeat(self) -> dict[str, object] | None:
-        raw = redis.Redis.from_url(self.redis_url).get(f"farm:worker:{self.name}")
-        return json.loads(raw) if raw else None
+    def heartbeat(self) -> WorkerHeartbeat | None:
+        raw = redis.Redis.from_url(self.redis_url).get(heartbeat_key(self.name))
+        return WorkerHeartbeat.parse(raw) if raw else None
 
 
 def start_worker(redis_url: str, model: Path, logdir: Path, name: str = "cpu@test",

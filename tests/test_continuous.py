@@ -14,7 +14,7 @@ from producer import FarmClient
 from protocol.schema import GenerationRequest
 from protocol.settings import FarmSettings
 from tests.conftest import RedisServer, WorkerProcess, start_worker, wait_until
-from tests.test_core import PROMPTS, reference_text, submit_all
+from tests.helpers import PROMPTS, reference_text, submit_all
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ class _Quiet:
 @pytest.fixture(scope="module")
 def runner(tiny_model: Path) -> Iterator[Any]:
     from worker.model import load_model
-    from worker.runner import ModelRunner
+    from worker.engine.model_runner import ModelRunner
 
     settings = FarmSettings(model=str(tiny_model), adapter=str(tiny_model / "adapter"),
                             adapters=f"second={tiny_model / 'adapter2'}")
@@ -58,7 +58,7 @@ def _plain_generate(runner: Any, prompt: str, new_tokens: int, adapter: str) -> 
 
 
 def test_rows_joining_and_leaving_match_plain_generate(runner: Any) -> None:
-    from worker.continuous import ContinuousBatch
+    from worker.engine.kv_slab import ContinuousBatch
 
     lengths = [30, 5, 40, 12, 25, 8, 33, 3]
     rows = _rows(runner, PROMPTS, lengths, ["base"] * len(PROMPTS))
@@ -82,7 +82,7 @@ def test_rows_joining_and_leaving_match_plain_generate(runner: Any) -> None:
 
 @pytest.mark.parametrize("strategy", ["dynamic", "continuous"])
 def test_one_batch_of_two_adapters_equals_each_adapter_alone(runner: Any, strategy: str) -> None:
-    from worker.continuous import ContinuousBatch
+    from worker.engine.kv_slab import ContinuousBatch
 
     adapters = ["default", "second", "base", "second", "default", "base", "second", "default"]
     mixed = _rows(runner, PROMPTS, [12] * len(PROMPTS), adapters)

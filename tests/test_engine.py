@@ -13,11 +13,11 @@ from protocol.redis_conn import connect
 from protocol.schema import GenerationRequest, Limits
 from protocol.settings import FarmSettings
 from tests.conftest import RedisServer
-from tests.test_core import PROMPTS
-from worker.continuous import make_engine
-from worker.engine import is_out_of_memory
+from tests.helpers import PROMPTS
+from worker.engine.build import make_engine
+from worker.engine.model_runner import is_out_of_memory
 from worker.model import load_model, render_prompt
-from worker.streams import RedisStreamSink
+from worker.streams import redis_sinks
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ def test_cuda_and_host_out_of_memory_are_recognised() -> None:
 def test_out_of_memory_batch_is_split_and_no_request_fails(redis_server: RedisServer, tiny_model: Path) -> None:
     settings = FarmSettings(model=str(tiny_model), inject_faults=1, max_batch_size=8, max_wait_ms=0)
     loaded = load_model(settings)
-    sink = RedisStreamSink(connect(redis_server.url(8)), 1000, 60)
-    engine = make_engine(settings, loaded, sink, "engine@test",
+    sinks = redis_sinks(connect(redis_server.url(8)), settings)
+    engine = make_engine(settings, loaded, sinks, "engine@test",
                          lambda r: render_prompt(loaded, "none", r.prompt, r.messages))
     prompts = [f"{p} <<oom>>" if i == 5 else p for i, p in enumerate(PROMPTS)]
     requests = [GenerationRequest.from_dict({"prompt": p, "max_new_tokens": 6}, Limits()) for p in prompts]

@@ -166,3 +166,9 @@ def test_cli_rejects_unknown_size(capsys: pytest.CaptureFixture[str], tmp_path: 
     with pytest.raises(SystemExit):
         make_model.main([str(tmp_path / "m"), "--size", "huge"])
     assert not (tmp_path / "m").exists()
+
+
+def test_served_adapters_of_a_build(tiny: Path) -> None:
+    # What `farm up` serves when FARM_ADAPTER(S) are unset: the build's adapters under their names.
+    assert make_model.served_adapters(tiny) == {"FARM_ADAPTER": str(tiny / "adapter"),
+                                                "FARM_ADAPTERS": f"second={tiny / 'adapter2'}"}

@@ -20,6 +20,7 @@ from ops.status import render
 from ops.supervise import ChildSpec, Output, Supervisor, backoff_delay
 from ops.up import FarmUpError, plan_gpus, redis_spec, worker_specs
 from protocol.errors import SettingsError
+from protocol.heartbeat import WorkerHeartbeat
 from protocol.schema import GenerationResult
 from tests.conftest import wait_until
 from worker.metrics import MeteredSink, WorkerMetrics
@@ -182,7 +183,8 @@ def test_status_screen_shows_workers_and_queues() -> None:
               "mean_batch_size": 13.3, "tokens_per_second": 95.5, "running": 8, "waiting": 2,
               "updated_at": time.time(), "metrics_port": 9401, "queue_wait_seconds": 0.25,
               "first_token_seconds": 0.125, "decode_seconds_per_token": 0.0125}
-    render({"redis": "redis://:***@h:6379/0", "workers": [worker], "queues": {"interactive": 0, "bulk": 7}},
+    render({"redis": "redis://:***@h:6379/0", "workers": [WorkerHeartbeat.from_dict(worker)],
+            "queues": {"interactive": 0, "bulk": 7}},
            console)
     text = console.file.getvalue()  # type: ignore[attr-defined]
     for part in ("Workers online: 1", "gpu1@box", "cuda:0 (GPU 1)", "demo", "int8", "ready", "13.3", "95.5",

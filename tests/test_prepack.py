@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from protocol.settings import FarmSettings
-from tests.test_core import PROMPTS, stock_model
+from tests.helpers import PROMPTS, stock_model
 from worker.model import load_adapter, load_model
 from worker.prepack import PACKED_MAX_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
 

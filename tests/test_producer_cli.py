@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from producer import FarmClient
-from producer.cli import result_line
+from producer.files import result_line
 from protocol.errors import RequestError
-from protocol.names import executions_key
+from protocol.names import BULK_QUEUE, executions_key, job_key
 from protocol.schema import GenerationResult
 from tests.conftest import OUTPUT, ROOT, WorkerProcess, free_port, wait_until
 
@@ -169,3 +169,39 @@ def test_generate_streams_one_completion(farm_worker: WorkerProcess) -> None:
     bad = farm(farm_worker.redis_url, "generate", "x", "--max-new-tokens", "0")
     assert bad.returncode == 2
     assert one_line(bad.stderr) == "farm generate: max_new_tokens: must be between 1 and 1024, got 0"
+
+
+def farm_state(url: str) -> tuple[list[bytes], int]:
+    """The jobs' keys in Redis and the messages waiting in the bulk queue."""
+    redis = farm_worker_redis(url)
+    return sorted(redis.scan_iter(match=job_key("*"))), int(redis.llen(BULK_QUEUE))
+
+
+def test_an_unknown_adapter_in_the_file_is_refused_with_its_line_before_anything_is_created(
+        farm_worker: WorkerProcess, workdir: Path) -> None:
+    url, prompts, out = farm_worker.redis_url, workdir / "prompts.jsonl", workdir / "out.jsonl"
+    offered = FarmClient(url).limits().adapters
+    assert offered and "nosuch" not in offered
+    prompts.write_text(f'{{"prompt": "a", "adapter": "{offered[-1]}"}}\n\n{{"prompt": "b", "adapter": "nosuch"}}\n')
+    before = farm_state(url)
+    run = farm(url, "submit", str(prompts), "-o", str(out))
+    assert run.returncode == 2
+    assert one_line(run.stderr) == (f"farm submit: {prompts} line 3: adapter: unknown adapter 'nosuch' "
+                                    f"(offered: {', '.join(offered)})")
+    assert not out.exists() and farm_state(url) == before
+
+
+def test_a_reused_job_id_with_other_prompts_is_refused_by_the_api_check(farm_worker: WorkerProcess,
+                                                                        workdir: Path) -> None:
+    url, out = farm_worker.redis_url, workdir / "out.jsonl"
+    job_id = f"reuse-{time.time_ns()}"
+    first = farm(url, "submit", str(prompt_file(workdir / "a.jsonl", "first", 3)), "-o", str(out),
+                 "--job-id", job_id, "--max-new-tokens", "2", "--quiet")
+    assert first.returncode == 0, first.stderr
+    before, other = farm_state(url), workdir / "other.jsonl"
+    run = farm(url, "submit", str(prompt_file(workdir / "b.jsonl", "second", 3)), "-o", str(other),
+               "--job-id", job_id, "--max-new-tokens", "2")
+    assert run.returncode == 2
+    assert one_line(run.stderr) == (f"farm submit: job_id: job {job_id} was submitted with other prompts; "
+                                    "use another job id")
+    assert not other.exists() and farm_state(url) == before

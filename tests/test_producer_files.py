@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import choose_job_id, result_line
-from producer.files import (PromptFileError, ResultFileError, Written, check_rows, detect_format, iter_rows,
-                            scan_results)
+from producer.files import (PromptFileError, ResultFileError, Written, check_named, check_rows, choose_job_id,
+                            detect_format, iter_rows, result_line, scan_results)
+from producer.jobs.fingerprint import fingerprint_of
 from protocol.schema import GenerationResult, Limits
 
 LIMITS = Limits()
@@ -107,6 +107,43 @@ def test_fingerprint_follows_rows_and_parameters(tmp_path: Path) -> None:
     assert one == same and one.rows == 2
     assert check_rows(tmp_path / "a.jsonl", {"max_new_tokens": 3}, LIMITS).fingerprint != one.fingerprint
     assert check_rows(write(tmp_path / "c.txt", "y\nx\n"), {}, LIMITS).fingerprint != one.fingerprint
+
+
+def test_adapters_named_by_rows_are_refused_with_the_first_line_naming_them(tmp_path: Path) -> None:
+    # Line 2 is blank: the row on line 3 is the second row (index 1), and its line is what is named.
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a", "adapter": "second"}\n\n'
+                                       '{"prompt": "b", "adapter": "nosuch"}\n{"prompt": "c", "adapter": "nosuch"}\n')
+    offered = Limits(adapters=("base", "second"))
+    summary = check_rows(path, {}, LIMITS)  # offline: adapters unknown, listed for later
+    assert sorted(summary.named) == [("adapter", "nosuch", 3), ("adapter", "second", 1)]
+    message = f"{path} line 3: adapter: unknown adapter 'nosuch' (offered: base, second)"
+    with pytest.raises(PromptFileError) as late:
+        check_named(path, summary, offered)
+    with pytest.raises(PromptFileError) as known:
+        check_rows(path, {}, offered)  # adapters known up front: the same message
+    assert str(late.value) == str(known.value) == message
+    check_named(path, summary, LIMITS)  # no worker online: the worker checks again
+    check_named(path, check_rows(path, {}, LIMITS), Limits(adapters=("nosuch", "second")))
+
+
+@pytest.mark.parametrize(("name", "text", "line"), [
+    ("p.jsonl", '"a"\n\n\n{"prompt": "b", "top_p": 7}\n', 4),
+    ("p.txt", "a\n\nb\n" + "c" * 20000 + "\n", 4),
+    ("p.csv", "prompt,adapter\na,base\n\nb,nosuch\n", 4),
+    ("p.csv", "prompt,top_k\na,1\n\"multi\nline\",-1\n", 4),  # a record spanning lines: its last one
+])
+def test_every_row_error_names_the_1_based_line_of_the_file(tmp_path: Path, name: str, text: str, line: int) -> None:
+    path = write(tmp_path / name, text)
+    with pytest.raises(PromptFileError) as caught:
+        check_rows(path, {}, Limits(adapters=("base",)))
+    assert caught.value.line == line and str(caught.value).startswith(f"{path} line {line}: ")
+
+
+def test_the_fingerprint_of_a_file_is_that_of_its_rows_given_to_the_api(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", '"x"\n{"prompt": "y", "seed": 3}\n')
+    summary = check_rows(path, {"max_new_tokens": 4}, LIMITS)
+    assert summary.fingerprint == fingerprint_of(["x", {"prompt": "y", "seed": 3}], {"max_new_tokens": 4})
+    assert summary.fingerprint != fingerprint_of(["x", {"prompt": "y", "seed": 4}], {"max_new_tokens": 4})
 
 
 # --- result files -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from producer import FarmClient, Job
 from protocol.errors import RequestError
-from protocol.names import BULK_QUEUE, executions_key
+from protocol.names import BULK_QUEUE, JobKeys, executions_key, job_key
 from tests.conftest import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
@@ -179,3 +179,39 @@ def test_a_generator_of_prompts_sets_the_total_when_it_runs_out(client: FarmClie
     results = list(job.results(timeout=60))
     assert [r.id for r in results] == [f"{job.id}:{i}" for i in range(25)]
     assert job.total == 25 and client.job(job.id).total == 25
+
+
+def job_keys(client: FarmClient) -> list[bytes]:
+    return sorted(client.redis.scan_iter(match=job_key("*")))
+
+
+def test_a_reused_job_id_with_other_prompts_is_refused_and_the_same_prompts_resume(idle_client: FarmClient) -> None:
+    rows = prompts("reuse", 10)
+    first = idle_client.submit_job(rows, "reuse", window=4, max_new_tokens=2)
+    wait_until(lambda: first.progress().sent == 4, 10, "the window was not filled")
+    first.close()
+    keys, info = job_keys(idle_client), idle_client.redis.hgetall(job_key("reuse"))
+    other = [*rows[:9], "reuse row 9, edited"]  # as many rows, one of them changed
+    for refused in (other, other[::-1]):
+        with pytest.raises(RequestError, match="^job_id: job reuse was submitted with other prompts"):
+            idle_client.submit_job(refused, "reuse", window=8, max_new_tokens=2)
+    with pytest.raises(RequestError, match="^job_id: job reuse exists; prompts given lazily"):
+        idle_client.submit_job(iter(other), "reuse", window=8, max_new_tokens=2)
+    # Refused before anything was sent or written: the queue, the job's keys and record, the lease.
+    assert queued_ids(idle_client) == [f"reuse:{i}" for i in range(4)]
+    assert job_keys(idle_client) == keys and idle_client.redis.hgetall(job_key("reuse")) == info
+    assert not idle_client.redis.exists(JobKeys("reuse").producer)
+
+    again = idle_client.submit_job(list(rows), "reuse", window=7, max_new_tokens=2)  # the same prompts
+    wait_until(lambda: again.progress().sent == 7, 10, "the resumed job sent nothing")
+    again.close()
+    assert queued_ids(idle_client) == [f"reuse:{i}" for i in range(7)]  # rows 0-3 not sent twice
+
+
+def test_an_unknown_adapter_as_a_job_parameter_is_refused_before_anything_is_created(client: FarmClient) -> None:
+    offered = client.limits().adapters
+    assert offered and "nosuch" not in offered  # the workers' heartbeat names their adapters
+    keys, queued = job_keys(client), client.queue_depths()
+    with pytest.raises(RequestError, match="^adapter: unknown adapter 'nosuch' \\(offered: "):
+        client.submit_job(prompts("adapter", 5), "adapter-job", adapter="nosuch")
+    assert job_keys(client) == keys and client.queue_depths() == queued

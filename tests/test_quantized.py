@@ -2,7 +2,7 @@
 
 Regression for bitsandbytes' "mat1 and mat2 shapes cannot be multiplied" on batched int8 input.
 LLM.int8 quantizes activations per row, so a prompt's greedy output may depend slightly on its
-batch neighbours (DESIGN.md): we assert it runs batched with the LoRA adapter on the int8 base and
+batch neighbours (docs/DESIGN.md): we assert it runs batched with the LoRA adapter on the int8 base and
 stays close to fp32 (int8: agreement of the first characters), not token equality.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from producer import FarmClient
 from tests.conftest import RedisServer, WorkerProcess, start_worker
-from tests.test_core import PROMPTS
+from tests.helpers import PROMPTS
 
 pytestmark = pytest.mark.integration
 

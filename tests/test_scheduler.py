@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.scheduler import DynamicScheduler, Pending, batch_cost, split_for_retry
+from worker.engine.scheduler import DynamicScheduler, Pending, batch_cost, split_for_retry
 
 
 def pending(rid: str, arrived: float = 0.0, prompt: int = 10, new: int = 10, priority: int = 0,
@@ -76,9 +76,3 @@ def test_split_for_retry_halves_until_single() -> None:
     assert [len(h) for h in halves] == [2, 3]
     assert split_for_retry(items[:1]) == [items[:1]]
 
-
-def test_remove_takes_a_waiting_request_out() -> None:
-    s = DynamicScheduler()
-    s.add(pending("a"))
-    assert s.remove("a") is not None and s.remove("a") is None
-    assert s.waiting == []

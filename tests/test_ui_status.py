@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import ErrorCode, FarmError, RequestError
+from protocol.heartbeat import WorkerHeartbeat
 from protocol.schema import GenerationResult
 from protocol.settings import FarmSettings
 from ui import farm, status
@@ -52,11 +53,12 @@ def test_request_data_from_widgets() -> None:
 
 
 def test_farm_tables_from_heartbeats() -> None:
-    beat = {"name": "gpu0@a", "device": "cuda:0", "model": "meta-llama/Llama-2-7b-hf", "quant": "int8",
-            "adapters": ["base", "default"], "running": 4, "waiting": 2, "batches": 10, "mean_batch_size": 3.5,
-            "tokens_per_second": 120.0, "updated_at": 0.0,
-            "recent_batches": [{"at": 100.0, "size": 4, "tokens": 200, "seconds": 2.0},
-                               {"at": 50.0, "size": 2, "tokens": 10, "seconds": 0.0}]}
+    beat = WorkerHeartbeat.from_dict({
+        "name": "gpu0@a", "device": "cuda:0", "model": "meta-llama/Llama-2-7b-hf", "quant": "int8",
+        "adapters": ["base", "default"], "running": 4, "waiting": 2, "batches": 10, "mean_batch_size": 3.5,
+        "tokens_per_second": 120.0, "updated_at": 0.0,
+        "recent_batches": [{"at": 100.0, "size": 4, "tokens": 200, "seconds": 2.0},
+                           {"at": 50.0, "size": 2, "tokens": 10, "seconds": 0.0}]})
     workers = farm.workers_frame([beat])
     assert list(workers.iloc[0])[:9] == ["gpu0@a", "cuda:0", "Llama-2-7b-hf (int8)", "base, default", 4, 2, 10,
                                          3.5, 120.0]

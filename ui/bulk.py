@@ -13,9 +13,8 @@ from typing import Any
 
 import gradio as gr
 
-from producer.cli import choose_job_id, result_line
 from producer.client import FarmClient
-from producer.files import PromptFileError, Written, check_rows, iter_rows
+from producer.files import PromptFileError, Written, check_rows, choose_job_id, iter_rows, result_line
 from producer.jobs import Job, JobProgress
 from protocol.errors import FarmError
 from protocol.settings import FarmSettings

@@ -10,6 +10,7 @@ import pandas as pd
 
 from producer.client import FarmClient
 from protocol.errors import FarmError
+from protocol.heartbeat import WorkerHeartbeat
 from protocol.settings import FarmSettings
 
 WORKER_COLUMNS = ["worker", "device", "model", "adapters", "running", "waiting", "batches", "mean batch",
@@ -27,18 +28,18 @@ class FarmView:
 def farm_view(client: FarmClient, flower: str) -> FarmView:
     """What the Farm tab shows now; an unreachable Redis is a message, not an exception."""
     try:
-        workers, depths = client.workers(), client.queue_depths()
+        workers, depths = client.heartbeats(), client.queue_depths()
     except FarmError as error:
         return FarmView(f"**Farm unreachable**: {error.message}\n\n{flower_link(flower)}", _frame([], WORKER_COLUMNS),
                         _frame([], BATCH_COLUMNS))
     return FarmView(summary(workers, depths, flower), workers_frame(workers), batches_frame(workers))
 
 
-def summary(workers: list[dict[str, Any]], depths: dict[str, int], flower: str) -> str:
+def summary(workers: list[WorkerHeartbeat], depths: dict[str, int], flower: str) -> str:
     online = f"**{len(workers)} worker{'s' if len(workers) != 1 else ''} online**" if workers else (
         "**No worker online**: start one with `./farm worker` or `./farm up`.")
     queues = ", ".join(f"{name}: {n}" for name, n in depths.items())
-    rate = sum(float(w.get("tokens_per_second", 0.0)) for w in workers)
+    rate = sum(w.tokens_per_second for w in workers)
     return f"{online} · queued: {queues} · {rate:.1f} tokens/s over the last minute · {flower_link(flower)}"
 
 
@@ -54,30 +55,27 @@ def flower_url(settings: FarmSettings, host_header: str | None) -> str:
     return f"http://{host}:{settings.flower_port}/"
 
 
-def workers_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per worker; tokens/s is over the last minute."""
+def workers_frame(workers: list[WorkerHeartbeat]) -> pd.DataFrame:
+    """One row per worker; tokens/s is over the busy time of the last minute."""
     now = time.time()
-    rows = [[w.get("name", "?"), w.get("device", ""), _model(w),
-             ", ".join(w.get("adapters", [])), w.get("running", 0), w.get("waiting", 0),
-             w.get("batches", 0), round(float(w.get("mean_batch_size", 0.0)), 2),
-             round(float(w.get("tokens_per_second", 0.0)), 1),
-             round(max(0.0, now - float(w.get("updated_at", now))), 1)] for w in workers]
+    rows = [[w.name or "?", w.device, _model(w), ", ".join(w.adapters), w.running, w.waiting, w.batches,
+             round(w.mean_batch_size, 2), round(w.tokens_per_second, 1), round(w.seconds_since_beat(now), 1)]
+            for w in workers]
     return _frame(rows, WORKER_COLUMNS)
 
 
-def batches_frame(workers: list[dict[str, Any]]) -> pd.DataFrame:
+def batches_frame(workers: list[WorkerHeartbeat]) -> pd.DataFrame:
     """One row per recent batch of every worker: when, its size and its speed."""
-    rows = [[pd.Timestamp(b["at"], unit="s"), w.get("name", "?"), int(b["size"]),
-             round(b["tokens"] / b["seconds"], 1) if b.get("seconds") else 0.0]
-            for w in workers for b in w.get("recent_batches", [])]
+    rows = [[pd.Timestamp(b.at, unit="s"), w.name or "?", b.size, round(b.tokens_per_second, 1)]
+            for w in workers for b in w.recent_batches]
     return _frame(sorted(rows, key=lambda r: r[0]), BATCH_COLUMNS)
 
 
-def _model(worker: dict[str, Any]) -> str:
+def _model(worker: WorkerHeartbeat) -> str:
     """The model's last path part (``Llama-2-7b-hf``, a local directory's name) and its
     quantization, short enough for the table to fit."""
-    name = str(worker.get("model", "")).rstrip("/").rsplit("/", 1)[-1]
-    quant = worker.get("quant") or "none"
+    name = worker.model_path.rstrip("/").rsplit("/", 1)[-1]
+    quant = worker.quant or "none"
     return name if quant == "none" else f"{name} ({quant})"
 
 

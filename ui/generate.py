@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from producer.client import READY_STATES, FarmClient, RequestHandle
+from producer.client import FarmClient, RequestHandle
+from producer.follow import Follower
 from protocol.errors import ErrorCode, FarmError
 from protocol.names import INTERACTIVE_QUEUE
 from protocol.schema import GenerationRequest, Limits
@@ -55,13 +56,13 @@ def preflight(client: FarmClient, data: dict[str, Any]) -> GenerationRequest:
     """The validated request, or a ``FarmError`` whose message says why it cannot be sent."""
     settings = client.settings
     GenerationRequest.from_dict(data, Limits.from_settings(settings))  # prompt first, no Redis needed
-    workers = [w for w in client.workers() if w.get("ready")]
+    workers = [w for w in client.heartbeats() if w.ready]
     if not workers:
         raise FarmError(ErrorCode.NO_WORKER, status.no_worker())
     depth = client.queue_depths()[INTERACTIVE_QUEUE]
     if depth >= settings.ui_max_queue:
         raise FarmError(ErrorCode.QUEUE_FULL, status.queue_full(depth, settings.ui_max_queue))
-    adapters = sorted({a for w in workers for a in w.get("adapters", [])})
+    adapters = sorted({a for w in workers for a in w.adapters})
     return GenerationRequest.from_dict(data, Limits.from_settings(settings, adapters or None))
 
 
@@ -82,26 +83,18 @@ def generate(client: FarmClient, data: dict[str, Any]) -> Iterator[Update]:
 def follow(client: FarmClient, handle: RequestHandle) -> Iterator[Update]:
     """Queued (with the depth ahead), running (worker, batch size) with the text so far, then the
     final line; a step at every stream event, and every ``POLL_MS`` while nothing happens."""
-    text, after, line, ended = "", "0", _queued_line(client), False
-    worker: str | None = None
-    yield Update(line, text, handle.id)
-    while not ended:
-        events = client.read_events(handle.id, after, block_ms=POLL_MS)
-        for event_id, event in events:
-            after = event_id
-            if event["type"] == "start":  # a run (re)starts from scratch: after a lost worker, an OOM split
-                worker, text = event.get("worker"), ""
-                line = status.running(worker, event.get("batch_size"))
-            elif event["type"] == "delta":
-                text += str(event.get("text", ""))
-            ended = ended or event["type"] == "end"
-        if not events:
-            if client.task_meta(handle.id).get("status") in READY_STATES:
-                break  # refused by the worker before it reached a batch: no stream at all
-            line = _queued_line(client) if after == "0" else _silent_line(client, worker, line)
-        yield Update(line, text, handle.id)
+    follower = Follower()
+    line = _queued_line(client)
+    yield Update(line, follower.text, handle.id)
+    # Ends at the stream's end, or when the worker refused it before it reached a batch (no stream).
+    for events in handle.follow(follower, block_ms=POLL_MS):
+        if any(e["type"] == "start" for e in events):  # a run (re)starts: after a lost worker, an OOM split
+            line = status.running(follower.worker, follower.batch_size)
+        elif not events:
+            line = _silent_line(client, follower.worker, line) if follower.started else _queued_line(client)
+        yield Update(line, follower.text, handle.id)
     result = handle.result(timeout=RESULT_TIMEOUT)
-    yield Update(status.finished(result), result.text or text, handle.id, final=True)
+    yield Update(status.finished(result), result.text or follower.text, handle.id, final=True)
 
 
 def cancel(client: FarmClient, request_id: str) -> Update:
@@ -124,8 +117,8 @@ def cancel(client: FarmClient, request_id: str) -> Update:
 
 
 def _queued_line(client: FarmClient) -> str:
-    workers = client.workers()
-    held = sum(int(w.get("waiting", 0)) for w in workers)
+    workers = client.heartbeats()
+    held = sum(w.waiting for w in workers)
     # Until it starts, this request is itself one of those counted: in Redis or held by a worker.
     ahead = max(0, client.queue_depths()[INTERACTIVE_QUEUE] + held - 1)
     return status.queued(ahead, len(workers))
@@ -133,7 +126,7 @@ def _queued_line(client: FarmClient) -> str:
 
 def _silent_line(client: FarmClient, worker: str | None, line: str) -> str:
     """While running and nothing arrives: the same line, unless its worker stopped beating."""
-    if worker is None or any(w.get("name") == worker for w in client.workers()):
+    if worker is None or any(w.name == worker for w in client.heartbeats()):
         return line
     return status.worker_lost(worker, client.settings.visibility_timeout)
 

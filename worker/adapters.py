@@ -28,8 +28,8 @@ LOAD_TIMEOUT_S = 120.0
 class AdapterRegistry:
     """The adapters one worker offers; the generate task and the heartbeat read it."""
 
-    def __init__(self, engine: Engine, loaded: Any, info: dict[str, Any]) -> None:
-        self.engine, self.loaded, self.info = engine, loaded, info
+    def __init__(self, engine: Engine, loaded: Any) -> None:
+        self.engine, self.loaded = engine, loaded
 
     def names(self) -> list[str]:
         return [BASE_ADAPTER, *self.loaded.adapters]
@@ -47,7 +47,6 @@ class AdapterRegistry:
         except Exception as error:  # noqa: BLE001 - reported to the caller, the worker keeps serving
             log.warning("loading adapter %s from %s failed: %r", name, path, error)
             return {"ok": False, "error": f"{type(error).__name__}: {error}"}
-        self.info["adapters"] = self.names()
         log.info("adapter %s loaded from %s", name, path)
         return {"ok": True, "adapters": self.names()}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 
@@ -15,6 +16,30 @@ class WorkerPlan:
     name: str
     device: str
     env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """How to start one planned worker as a child process (``farm worker`` and ``farm up``)."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+
+
+def worker_launches(plans: list[WorkerPlan], env: dict[str, str], metrics_port: int,
+                    loglevel: str) -> list[WorkerLaunch]:
+    """One pinned ``worker.main --in-process`` child per plan (exec'd, never forked after torch),
+    each with its own name and metrics port. ``FARM_WORKER_NAME`` names a single worker only:
+    two children under one name would be one Celery node and one heartbeat."""
+    launches = []
+    for index, plan in enumerate(plans):
+        name = (env.get("FARM_WORKER_NAME") if len(plans) == 1 else None) or plan.name
+        child_env = {**env, **plan.env, "FARM_WORKER_NAME": name,
+                     "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)}
+        cmd = [sys.executable, "-m", "worker.main", "--device", plan.device, "--in-process", "--loglevel", loglevel]
+        launches.append(WorkerLaunch(name, cmd, child_env))
+    return launches
 
 
 def plan_workers(device: str, gpu_count: int, host: str | None = None) -> list[WorkerPlan]:

@@ -1,58 +1,68 @@
-"""The worker's heartbeat: a json record in Redis that the UI and ``farm status`` read."""
+"""The worker's heartbeat: its ``WorkerHeartbeat`` record in Redis, rewritten every interval."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from protocol.names import heartbeat_key
-from worker.engine import Engine
+from protocol.heartbeat import RECENT_BATCHES, BatchStat, WorkerHeartbeat, busy_tokens_per_second, public_model_name
+from protocol.names import QUEUES, heartbeat_key
+from protocol.settings import FarmSettings
+from worker.devices import WorkerPlan
+
+if TYPE_CHECKING:  # the engine imports torch; the record is built from its counters alone
+    from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
 
-def heartbeat_record(engine: Engine, info: dict[str, Any]) -> dict[str, Any]:
-    """What a worker says of itself: identity, model, load and recent batches."""
+def worker_identity(settings: FarmSettings, plan: WorkerPlan, loaded: Any, name: str,
+                    load_seconds: float) -> WorkerHeartbeat:
+    """The parts of the record that stay while the worker runs (adapters excepted)."""
+    model = str(loaded.name)
+    return WorkerHeartbeat(
+        name=name, host=socket.gethostname(), pid=os.getpid(), device=plan.device,
+        # the launcher's pin: a pinned child plans itself as cuda:0 and no longer knows its GPU
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", plan.env.get("CUDA_VISIBLE_DEVICES", "")),
+        model_name=public_model_name(model, Path(model).expanduser().is_dir()), model_path=model,
+        quant=loaded.quant, packed_layers=loaded.packed_layers, adapters=tuple(settings.adapter_names()),
+        strategy=settings.strategy, max_batch_size=settings.max_batch_size, queues=QUEUES,
+        metrics_port=settings.metrics_port or None, state="ready", load_seconds=round(load_seconds, 2),
+        started_at=time.time())
+
+
+def heartbeat_record(identity: WorkerHeartbeat, engine: Engine, adapters: list[str],
+                     now: float | None = None) -> WorkerHeartbeat:
+    """``identity`` with the engine's load and recent batches as of ``now``."""
+    now = time.time() if now is None else now
     stats = engine.stats
-    recent = list(stats.recent)[-64:]
-    window = [b for b in recent if b.at >= time.time() - 60]
-    seconds = sum(b.seconds for b in window)
-    return {
-        **info,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "updated_at": time.time(),
-        "batches": stats.batches,
-        "requests": stats.requests,
-        "failed": stats.failed,
-        "tokens": stats.tokens,
-        "oom_splits": stats.oom_splits,
-        "running": engine.running,
-        "waiting": engine.waiting,
-        "mean_batch_size": (stats.requests / stats.batches) if stats.batches else 0.0,
-        "tokens_per_second": (sum(b.tokens for b in window) / seconds) if seconds else 0.0,
-        "recent_batches": [{"at": b.at, "size": b.size, "tokens": b.tokens, "seconds": b.seconds}
-                           for b in recent],
-    }
+    recent = list(stats.recent)
+    return dataclasses.replace(
+        identity, adapters=tuple(adapters), updated_at=now, batches=stats.batches, requests=stats.requests,
+        failed=stats.failed, tokens=stats.tokens, oom_splits=stats.oom_splits, running=engine.running,
+        waiting=engine.waiting, mean_batch_size=(stats.requests / stats.batches) if stats.batches else 0.0,
+        tokens_per_second=busy_tokens_per_second(recent, now),
+        recent_batches=tuple(BatchStat(b.at, b.size, b.tokens, b.seconds) for b in recent[-RECENT_BATCHES:]))
 
 
 class Heartbeat:
     """Writes the record every ``interval`` seconds with an expiry of three intervals."""
 
-    def __init__(self, client: redis.Redis, engine: Engine, name: str, info: dict[str, Any],
-                 interval: float, extra: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.client, self.engine, self.name = client, engine, name
-        self.info, self.interval = info, interval
-        self.extra = extra
-        """More live fields for the record (the metrics' latency summary)."""
+    def __init__(self, client: redis.Redis, engine: Engine, identity: WorkerHeartbeat, interval: float,
+                 adapters: Callable[[], list[str]],
+                 extra: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        self.client, self.engine, self.identity = client, engine, identity
+        self.interval, self.adapters, self.extra = interval, adapters, extra
+        """``extra``: more live fields of the record by name (the metrics' latency summary)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -63,16 +73,16 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(5)
         try:
-            self.client.delete(heartbeat_key(self.name))
+            self.client.delete(heartbeat_key(self.identity.name))
         except redis.RedisError:
             pass
 
     def beat(self) -> None:
-        record = heartbeat_record(self.engine, self.info)
+        record = heartbeat_record(self.identity, self.engine, self.adapters())
         if self.extra is not None:
-            record.update(self.extra())
+            record = dataclasses.replace(record, **self.extra())
         ttl = max(1, int(self.interval * 3))
-        self.client.set(heartbeat_key(self.name), json.dumps(record), ex=ttl)
+        self.client.set(heartbeat_key(self.identity.name), record.to_json(), ex=ttl)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,15 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 
 from protocol.celery_app import make_celery
+from protocol.heartbeat import WorkerHeartbeat
 from protocol.names import QUEUES
+from protocol.ownership import Liveness
+from protocol.ownership import transport_options as owner_options
 from protocol.schema import GenerationRequest, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 from worker.transport import install as install_safe_transport
-from worker.devices import WorkerPlan, count_gpus, plan_workers
+from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
 from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
 log = logging.getLogger("batchfarm.worker")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_workers(args.device, count_gpus() if args.device != "cpu" else 0)
     if len(plans) == 1 and (args.device == "cpu" or args.in_process):
         return run_worker(settings, plans[0], args.loglevel)
-    return _supervise(plans, args)
+    return _supervise(plans, args, settings)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,14 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _supervise(plans: list[WorkerPlan], args: argparse.Namespace) -> int:
-    """Start one pinned child per device (exec, never fork after torch) and wait for them."""
-    children = []
-    for plan in plans:
-        env = {**os.environ, **plan.env, "FARM_WORKER_NAME": os.environ.get("FARM_WORKER_NAME") or plan.name}
-        cmd = [sys.executable, "-m", "worker.main", "--device", "cuda:0" if plan.device != "cpu" else "cpu",
-               "--loglevel", args.loglevel, "--in-process"]
-        children.append(subprocess.Popen(cmd, env=env))
+def _supervise(plans: list[WorkerPlan], args: argparse.Namespace, settings: FarmSettings) -> int:
+    """Start one pinned child per device and wait for them."""
+    launches = worker_launches(plans, dict(os.environ), settings.metrics_port, args.loglevel)
+    children = [subprocess.Popen(launch.cmd, env=launch.env) for launch in launches]
     signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
     try:
         return max(c.wait() for c in children)
@@ -63,58 +61,52 @@ def _supervise(plans: list[WorkerPlan], args: argparse.Namespace) -> int:
 
 def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info") -> int:
     """Load the model, start the engine, then let Celery take messages."""
-    from worker.continuous import make_engine
+    from worker.engine.build import make_engine
     from worker.model import load_model, render_prompt
-    from worker.streams import RedisStreamSink
+    from worker.streams import redis_sinks
 
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)
-    client = connect(settings.redis_url)
-    sink = RedisStreamSink(client, settings.stream_maxlen, settings.result_expires, bool(settings.count_executions))
+    client = connect(settings.redis_url, settings=settings)
+    sinks = redis_sinks(client, settings)
     metrics = WorkerMetrics()
 
     def render(request: GenerationRequest) -> str:
         return render_prompt(loaded, settings.template, request.prompt, request.messages)
 
     from worker.adapters import AdapterRegistry, register_adapter_control
-    from worker.heartbeat import Heartbeat
+    from worker.heartbeat import Heartbeat, worker_identity
     from worker.tasks import register_generate
 
-    engine = make_engine(settings, loaded, MeteredSink(sink, metrics), name, render, plan.device)
+    engine = make_engine(settings, loaded, sinks.with_output(MeteredSink(sinks.output, metrics)), name, render,
+                         plan.device)
     engine.start()
     install_safe_transport()  # a malformed message must not stop the worker
     app = make_celery(settings)
-    info = _worker_info(settings, plan, loaded, name, time.monotonic() - started)
-    adapters = AdapterRegistry(engine, loaded, info)  # adapters load at run time (control command)
+    liveness = Liveness(client, name, settings.heartbeat_seconds).start()  # owns what this process pops
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness.owner)}
+    identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started)
+    adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)
-    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()), sink.note_redelivery)
-    _start_metrics(metrics, engine, settings, info)
-    heartbeat = Heartbeat(client, engine, name, info, settings.heartbeat_seconds, metrics.summary)
+    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()),
+                      sinks.counter.note_redelivery)
+    _start_metrics(metrics, engine, settings, identity)
+    heartbeat = Heartbeat(client, engine, identity, settings.heartbeat_seconds, adapters.names, metrics.summary)
     _connect_lifecycle(heartbeat, engine)
-    log.info("model loaded in %.1fs; worker %s taking work from %s", info["load_seconds"], name,
+    log.info("model loaded in %.1fs; worker %s taking work from %s", identity.load_seconds, name,
              settings.redacted_redis_url())
     app.worker_main(_celery_argv(settings, name, loglevel))
     return 0
 
 
-def _worker_info(settings: FarmSettings, plan: WorkerPlan, loaded: Any, name: str,
-                 load_seconds: float) -> dict[str, Any]:
-    return {"name": name, "device": plan.device, "cuda_visible_devices": plan.env.get("CUDA_VISIBLE_DEVICES", ""),
-            "model": loaded.name, "quant": loaded.quant, "packed_layers": loaded.packed_layers,
-            "adapters": settings.adapter_names(),
-            "strategy": settings.strategy, "max_batch_size": settings.max_batch_size,
-            "load_seconds": round(load_seconds, 2), "ready": True, "started_at": time.time()}
-
-
-def _start_metrics(metrics: WorkerMetrics, engine: Any, settings: FarmSettings, info: dict[str, Any]) -> None:
-    """Prometheus endpoint of this process (its port goes in the heartbeat so others find it)."""
-    metrics.describe({**info, "host": socket.gethostname()})
+def _start_metrics(metrics: WorkerMetrics, engine: Any, settings: FarmSettings, identity: WorkerHeartbeat) -> None:
+    """Prometheus endpoint of this process (its port is in the heartbeat so others find it)."""
+    metrics.describe(identity.to_dict())
     metrics.watch_engine(engine)
     connect_task_signals(metrics)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_host)
-        info["metrics_port"] = settings.metrics_port
 
 
 def _connect_lifecycle(heartbeat: Any, engine: Any) -> None:

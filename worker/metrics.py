@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from protocol.heartbeat import TOKENS_PER_SECOND_WINDOW, busy_tokens_per_second
 from protocol.schema import GenerationResult
 
 if TYPE_CHECKING:  # the engine imports torch; this module is imported before the model loads
-    from worker.engine import Engine, StreamSink
+    from worker.engine import Engine, StreamOutput
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-TOKENS_PER_SECOND_WINDOW = 60.0
 SUMMARY_WINDOW = 256
 """Results the heartbeat's latency summary averages over."""
 
@@ -62,8 +62,8 @@ class WorkerMetrics:
         self.running = Gauge("farm_engine_running", "Requests in the batch being generated", registry=r)
         self.waiting = Gauge("farm_engine_waiting", "Requests waiting in the engine for a batch", registry=r)
         self.tokens_per_second = Gauge("farm_tokens_per_second",
-                                       f"Completion tokens per second over the last {TOKENS_PER_SECOND_WINDOW:.0f}s "
-                                       "of batches", registry=r)
+                                       f"Completion tokens per second of busy time over the last "
+                                       f"{TOKENS_PER_SECOND_WINDOW:.0f}s of batches", registry=r)
         self.oom_splits = Gauge("farm_oom_splits", "Batches split after running out of memory", registry=r)
         self._recent: deque[tuple[float, float | None, float | None]] = deque(maxlen=SUMMARY_WINDOW)
         self._tasks = 0
@@ -79,7 +79,7 @@ class WorkerMetrics:
         self.running.set_function(lambda: float(engine.running))
         self.waiting.set_function(lambda: float(engine.waiting))
         self.oom_splits.set_function(lambda: float(engine.stats.oom_splits))
-        self.tokens_per_second.set_function(lambda: recent_tokens_per_second(engine))
+        self.tokens_per_second.set_function(lambda: busy_tokens_per_second(list(engine.stats.recent), time.time()))
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)
@@ -134,36 +134,22 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def recent_tokens_per_second(engine: Engine, now: float | None = None) -> float:
-    """Tokens per second of busy time over the recent batches (0 when idle for a minute)."""
-    now = time.time() if now is None else now
-    window = [b for b in list(engine.stats.recent) if b.at >= now - TOKENS_PER_SECOND_WINDOW]
-    seconds = sum(b.seconds for b in window)
-    return sum(b.tokens for b in window) / seconds if seconds else 0.0
-
-
 class MeteredSink:
-    """A ``StreamSink`` that passes everything on and observes batches and results on the way."""
+    """A ``StreamOutput`` that passes everything on and observes batches and results on the way."""
 
-    def __init__(self, inner: StreamSink, metrics: WorkerMetrics) -> None:
+    def __init__(self, inner: StreamOutput, metrics: WorkerMetrics) -> None:
         self.inner, self.metrics = inner, metrics
 
     def begin(self, request_ids: list[str], worker: str, batch_size: int) -> None:
         self.metrics.observe_batch(batch_size)
         self.inner.begin(request_ids, worker, batch_size)
 
-    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-        return self.inner.on_step(deltas, finished)
+    def write(self, deltas: dict[str, str], finished: list[str]) -> None:
+        self.inner.write(deltas, finished)
 
     def end(self, result: GenerationResult) -> None:
         self.inner.end(result)
         self.metrics.observe_result(result)
-
-    def cancelled(self, request_ids: list[str]) -> set[str]:
-        return self.inner.cancelled(request_ids)
-
-    def count_execution(self, request_ids: list[str]) -> None:
-        self.inner.count_execution(request_ids)
 
 
 def connect_task_signals(metrics: WorkerMetrics) -> Callable[[], None]:

@@ -29,9 +29,12 @@ from queue import Empty
 from time import monotonic
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ResponseError
+
+from protocol import ownership
+from protocol.names import owners_key
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,15 @@ IDLE_WAIT = 0.02
 #: A key nobody writes; blocking on it is a server-side sleep, for consumers without an event loop.
 IDLE_KEY = "batchfarm:idle"
 
-# KEYS: unacked index, unacked hash, then the queues in priority order. Pops the first message,
-# records it as unacked (score = now, as kombu's QoS.append does) in the same atomic step, and
+# KEYS: unacked index, unacked hash, owners hash, then the queues in priority order; ARGV: the
+# owner ('' for none). Pops the first message, records it as unacked (score = now, as kombu's
+# QoS.append does) and who holds it (protocol/ownership.py) in the same atomic step, and
 # returns {queue, message}. A message that is not a kombu envelope is returned unrecorded (the
 # Python side drops it with a log line). The envelope is stored as sent, never re-encoded.
 POP_SCRIPT = """
 local now = redis.call('TIME')
 local score = tonumber(now[1]) + tonumber(now[2]) / 1000000
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, envelope = pcall(cjson.decode, item)
@@ -59,6 +63,7 @@ for i = 3, #KEYS do
         redis.call('ZADD', KEYS[1], score, tag)
         redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
                    .. ',' .. cjson.encode(info['routing_key']) .. ']')
+        if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], tag, ARGV[1] .. '\\n' .. KEYS[i]) end
       end
     end
     return {KEYS[i], item}
@@ -69,6 +74,32 @@ return false
 
 
 class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
+    """Also owner-aware: an ack forgets a message only if this worker still holds it, and a
+    restore (at shutdown, a requeue, the visibility timeout) never takes a message from a live
+    worker that holds it now."""
+
+    def ack(self, delivery_tag: str) -> None:
+        if not self.channel.farm_owner:
+            return super().ack(delivery_tag)  # type: ignore[no-any-return]
+        with self.channel.conn_or_acquire() as client:
+            ownership.forget(client, delivery_tag, self.channel.farm_owner, self._keys())
+        virtual.QoS.ack(self, delivery_tag)
+        return None
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue or not self.channel.farm_owner:
+            return super().reject(delivery_tag, requeue)  # type: ignore[no-any-return]
+        return self.ack(delivery_tag)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        with self.channel.conn_or_acquire(client) as client:
+            tag = tag.decode() if isinstance(tag, bytes) else tag
+            if ownership.restore(client, tag, self.channel.farm_owner, self._keys(), leftmost) is None:
+                super().restore_by_tag(tag, client, leftmost)
+
+    def _keys(self) -> ownership.UnackedKeys:
+        return ownership.UnackedKeys(self.unacked_index_key, self.unacked_key)
+
     def restore_unacked(self, client: Any = None) -> None:
         try:
             super().restore_unacked(client)
@@ -84,6 +115,9 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     _idle = False  # without an event loop: the last pop found every queue empty, sleep first
     _idle_until = 0.0  # with the worker's event loop: no pop before this (after an empty one)
     _sent = "BRPOP"
+    farm_owner = ""
+    """This worker process's owner name (``protocol.ownership``); empty: pops record no owner."""
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "farm_owner")  # type: ignore[assignment]
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self._atomic_pop or self.global_keyprefix:
@@ -103,8 +137,8 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
             self.client.connection.send_command("BLPOP", IDLE_KEY, IDLE_WAIT)
         else:
             self._sent = "EVAL"
-            self.client.connection.send_command("EVAL", POP_SCRIPT, 2 + len(keys), self.unacked_index_key,
-                                                self.unacked_key, *keys)
+            self.client.connection.send_command("EVAL", POP_SCRIPT, 3 + len(keys), self.unacked_index_key,
+                                                self.unacked_key, owners_key(), *keys, self.farm_owner)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu's reader serves all three replies: the script returns {queue, message} like

@@ -1,9 +1,9 @@
-"""Continuous batching (``FARM_STRATEGY=continuous``): requests join and leave the running batch
-at every decode step, so a short request is never held behind a long one.
+"""The running batch of continuous batching (``runner.RunningBatch`` on torch): rows join and
+leave at every decode step, so a short request is never held behind a long one.
 
 Built on the model's own KV cache rather than transformers' ``generate_batch``: that API has no
 per-row LoRA adapter, no per-row seeded sampling and no stop-string hook, and measured slower than
-a plain left-padded batch on this CPU (DESIGN.md). Here the running batch is one left-padded
+a plain left-padded batch on this CPU. Here the running batch is one left-padded
 ``DynamicCache``; joiners are prefilled together and their cache is padded and concatenated in;
 each decode step feeds one token per row with its own position; finished rows are cut out. Every
 row sees exactly what plain ``generate`` shows it (its tokens, its positions, padding masked), so
@@ -12,7 +12,6 @@ greedy fp32 outputs are the same.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +20,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from protocol.settings import FarmSettings
-from worker.engine import Engine, RenderFn, StreamSink, Submission
-from worker.runner import BatchRow, ModelRunner, StepObserver, _injected_faults, _RowSampler, _Stepper
-from worker.runner import configure_torch_threads
-from worker.scheduler import ContinuousScheduler, DynamicScheduler, Pending
-
-log = logging.getLogger(__name__)
-
-SEGMENT_SECONDS = 1.0
-"""Stats are recorded per busy segment of at most this long (there are no discrete batches)."""
+from worker.engine.model_runner import ModelRunner
+from worker.engine.runner import BatchRow, StepObserver, advance_rows
+from worker.engine.sampling import RowSampler
 
 
 @dataclass
@@ -44,15 +36,6 @@ class _Block:
     """[B, S]: 1 for real tokens (prompt and generated), 0 for left padding."""
     last: torch.Tensor
     """[B]: the token each row feeds at the next step."""
-
-
-@dataclass
-class _Segment:
-    """Busy time since the last stats record, and what finished in it."""
-
-    start: float
-    requests: int = 0
-    tokens: int = 0
 
 
 class ContinuousBatch:
@@ -69,8 +52,7 @@ class ContinuousBatch:
     def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
         """Prefill ``rows``, stream their first token and add them to the batch (rows already
         done leave at the next ``evict``)."""
-        if self.runner.inject_faults:
-            _injected_faults(rows)
+        self.runner.check_faults(rows)
         ids, mask = self.runner.left_pad([row.input_ids for row in rows])  # [N, S]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         logits, cache = self._forward(rows, ids, mask, positions, None)
@@ -82,8 +64,7 @@ class ContinuousBatch:
         block = self.block
         if block is None:
             return
-        if self.runner.inject_faults:
-            _injected_faults(block.rows)
+        self.runner.check_faults(block.rows)
         mask = torch.cat([block.mask, block.mask.new_ones((len(block.rows), 1))], dim=-1)  # [B, S+1]
         positions = mask.sum(-1, keepdim=True) - 1  # [B, 1]: each row's own position
         logits, block.cache = self._forward(block.rows, block.last[:, None], mask, positions, block.cache)
@@ -118,9 +99,9 @@ class ContinuousBatch:
 
     def _advance(self, rows: list[BatchRow], logits: torch.Tensor, observer: StepObserver) -> torch.Tensor:
         """Pick each row's token (greedy or its own sampler), push it, stream; returns [B]."""
-        scores = _RowSampler(rows)(None, logits)  # type: ignore[arg-type]
+        scores = RowSampler(rows)(None, logits)  # type: ignore[arg-type]
         tokens = scores.argmax(dim=-1)  # [B]
-        _Stepper(rows, self.runner.decode, observer)(tokens[:, None], scores)  # type: ignore[arg-type]
+        advance_rows(rows, tokens.tolist(), self.runner.decode, observer, time.monotonic())
         return tokens
 
 
@@ -219,117 +200,3 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-class ContinuousEngine(Engine):
-    """The engine with a running batch that requests join and leave at every step.
-
-    A failure while joining or stepping takes the rows concerned out of the running batch and
-    through the dynamic path's recovery (halves after out of memory, else one by one), so no
-    request fails for a neighbour.
-    """
-
-    scheduler: ContinuousScheduler
-
-    def __init__(self, runner: ModelRunner, scheduler: ContinuousScheduler, sink: StreamSink,
-                 worker_name: str, render: RenderFn, max_prompt_tokens: int) -> None:
-        super().__init__(runner, scheduler, sink, worker_name, render, max_prompt_tokens)
-        self.batch = ContinuousBatch(runner)
-        self._pending: dict[str, Pending] = {}
-        self._started: dict[str, float] = {}
-        self._peak: dict[str, int] = {}
-        self._segment = _Segment(time.monotonic())
-
-    def _tick(self) -> None:
-        running = self.batch.rows
-        if running:  # never block while rows wait for their next token
-            self._admit(self._drain_inbox())
-        else:
-            self._admit(self._take_inbox(self.scheduler.wait_time(time.monotonic())))
-        joiners = self.scheduler.joiners([self._pending[r.request_id] for r in running], time.monotonic())
-        if joiners:
-            self._join(joiners)
-        if self.batch.rows:
-            self._step()
-
-    def _drain_inbox(self) -> list[Submission]:
-        subs: list[Submission] = []
-        while not self._inbox.empty():
-            subs.append(self._inbox.get_nowait())
-        return subs
-
-    def _join(self, joiners: list[Pending]) -> None:
-        cancelled = self.sink.cancelled([p.request_id for p in joiners])
-        for request_id in cancelled:
-            self._finish(request_id, batch_size=0, started=time.monotonic())
-        live = [p for p in joiners if p.request_id not in cancelled]
-        if not live:
-            return
-        now = time.monotonic()
-        for p in live:
-            self._pending[p.request_id], self._started[p.request_id] = p, now
-        rows = [self._rows[p.request_id][1] for p in live]
-        self.sink.begin([r.request_id for r in rows], self.worker_name, len(rows) + len(self.batch.rows))
-        self.sink.count_execution([r.request_id for r in rows])
-        try:
-            self.batch.join(rows, self.sink)
-        except Exception as error:  # noqa: BLE001 - isolated below, per request
-            self._isolate(live, error)
-            return
-        self._after_step(rows)
-
-    def _step(self) -> None:
-        try:
-            self.batch.step(self.sink)
-        except Exception as error:  # noqa: BLE001 - isolated below, per request
-            rows = self.batch.drop()
-            self._isolate([self._pending[r.request_id] for r in rows], error)
-            return
-        self._after_step(self.batch.rows)
-
-    def _after_step(self, stepped: list[BatchRow]) -> None:
-        size = len(self.batch.rows)
-        self.running = size
-        for row in stepped:
-            self._peak[row.request_id] = max(self._peak.get(row.request_id, 0), size, 1)
-        for row in self.batch.evict():
-            self._segment.requests += 1
-            self._segment.tokens += len(row.state.tokens)
-            self._release(row.request_id)
-            self._finish(row.request_id, self._peak.pop(row.request_id, 1), self._started.pop(row.request_id))
-        self.running = len(self.batch.rows)
-        self._record_segment()
-
-    def _release(self, request_id: str) -> None:
-        self._pending.pop(request_id, None)
-
-    def _record_segment(self) -> None:
-        segment, now = self._segment, time.monotonic()
-        if segment.requests and (not self.batch.rows or now - segment.start >= SEGMENT_SECONDS):
-            self.stats.record(segment.requests, segment.tokens, now - segment.start)
-            self._segment = _Segment(now)
-        elif not self.batch.rows:
-            self._segment = _Segment(now)
-
-    def _isolate(self, failed: list[Pending], error: Exception) -> None:
-        """Rows of a failed join or step leave the running batch and take the dynamic path's
-        recovery: halves after out of memory, else one by one, so only the culprit fails."""
-        for p in failed:
-            self._release(p.request_id)
-            self._started.pop(p.request_id, None)
-            self._peak.pop(p.request_id, None)
-        self._recover(failed, error)
-        self.running = len(self.batch.rows)
-
-
-def make_engine(settings: FarmSettings, loaded: Any, sink: StreamSink, worker_name: str, render: RenderFn,
-                device: str = "cpu") -> Engine:
-    """The engine for ``FARM_STRATEGY`` (dynamic or continuous), torch threads set for the device."""
-    threads = configure_torch_threads(settings.torch_threads, device)
-    log.info("torch intra-op threads: %d; batching strategy: %s", threads, settings.strategy)
-    runner = ModelRunner(loaded, inject_faults=bool(settings.inject_faults))
-    args = (settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms / 1000)
-    if settings.strategy == "continuous":
-        return ContinuousEngine(runner, ContinuousScheduler(*args), sink, worker_name, render,
-                                settings.max_prompt_tokens)
-    return Engine(runner, DynamicScheduler(*args), sink, worker_name, render, settings.max_prompt_tokens)

@@ -1,12 +1,16 @@
 """The batching policy as a pure planner: plain dataclasses in and out, no torch, no clock.
 
-The engine asks ``next_batch(now)`` what to run and reports out-of-memory events back; the
-scheduler decides who runs together. Tested without a model (tests/test_scheduler.py).
+The engine's strategies (strategies.py) ask ``next_batch(now)`` or ``joiners(running, now)``
+what to start and report out-of-memory events back; the scheduler decides who runs together.
+Tested without a model (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,6 @@ class DynamicScheduler:
 
     def add(self, item: Pending) -> None:
         self.waiting.append(item)
-
-    def remove(self, request_id: str) -> Pending | None:
-        for i, item in enumerate(self.waiting):
-            if item.request_id == request_id:
-                return self.waiting.pop(i)
-        return None
 
     def token_budget(self, now: float) -> int:
         """The current budget: lowered after an out-of-memory error, restored later."""
@@ -106,7 +104,7 @@ def batch_cost(items: list[Pending]) -> int:
     return len(items) * (longest + most_new)
 
 
-def split_for_retry(items: list[Pending]) -> list[list[Pending]]:
+def split_for_retry(items: list[T]) -> list[list[T]]:
     """Halves of a batch that failed for memory; a single request cannot be split further."""
     if len(items) <= 1:
         return [items]

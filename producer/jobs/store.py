@@ -1,0 +1,187 @@
+"""A job's Redis store: every key of a job (``protocol.names.JobKeys``) and every read and write
+of them, in one place.
+
+Row ``i`` of job ``J`` is the task ``J:i`` on the ``bulk`` queue, and its result is Celery's.
+Writes take an optional ``pipeline=`` (as rq's ``Queue`` and ``Job`` do): given one, they queue
+their commands on it and the caller executes it, so that several steps make one round trip;
+without, they run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from redis.client import Pipeline
+
+from protocol.names import BULK_QUEUE, JobKeys, stream_key, submitted_key
+from protocol.schema import GenerationResult
+
+from producer.connection import FarmConnection, as_text
+from producer.jobs.book import CANCELLED, FAILED, OK
+
+FETCH = 512
+"""Results read from Redis in one MGET."""
+Chunk = list[tuple[int, Any]]
+"""Rows about to be sent: ``(index, request dict or the FarmError that refused it)``."""
+
+
+class JobStore:
+    """The Redis side of one job."""
+
+    def __init__(self, connection: FarmConnection, job_id: str) -> None:
+        self.connection, self.job_id = connection, job_id
+        self.keys = JobKeys(job_id)
+        self.ttl = connection.settings.result_expires
+
+    def task_id(self, index: int) -> str:
+        return f"{self.job_id}:{index}"
+
+    def pipeline(self) -> Pipeline:
+        """A pipeline (not a transaction) to pass to the writes as ``pipeline=``."""
+        return self.connection.redis.pipeline(transaction=False)
+
+    @contextmanager
+    def _batch(self, pipeline: Pipeline | None) -> Iterator[Pipeline]:
+        if pipeline is not None:
+            yield pipeline
+            return
+        with self.connection.reachable():
+            own = self.pipeline()
+            yield own
+            own.execute()
+
+    # --- the job's record -------------------------------------------------------------------
+    def read(self) -> tuple[dict[str, str], list[bytes]]:
+        """The info hash (empty: no such job) and the four bitmaps (sent, ok, failed, cancelled)."""
+        with self.connection.reachable():
+            pipe = self.pipeline()
+            pipe.hgetall(self.keys.info)
+            for key in self.keys.bitmaps():
+                pipe.get(key)
+            raw_info, *bitmaps = pipe.execute()
+        return {as_text(k): as_text(v) for k, v in raw_info.items()}, [b or b"" for b in bitmaps]
+
+    def create(self, info: dict[str, str], pipeline: Pipeline | None = None) -> None:
+        with self._batch(pipeline) as pipe:
+            pipe.hset(self.keys.info, mapping=info)  # type: ignore[arg-type]
+            pipe.expire(self.keys.info, self.ttl)
+
+    def state(self, pipeline: Pipeline | None = None) -> str | None:
+        """The job's state (running, finished, cancelled; "" for no job). With a pipeline the read
+        is queued (its reply, decoded with ``as_text``, is among the pipeline's) and None returned."""
+        if pipeline is not None:
+            pipeline.hget(self.keys.info, "state")
+            return None
+        with self.connection.reachable():
+            return as_text(self.connection.redis.hget(self.keys.info, "state") or b"")
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        with self._batch(pipeline) as pipe:
+            pipe.hset(self.keys.info, "state", state)
+
+    def set_total(self, total: int, pipeline: Pipeline | None = None) -> None:
+        with self._batch(pipeline) as pipe:
+            pipe.hset(self.keys.info, "total", str(total))
+
+    def cancel(self) -> list[bytes]:
+        """Mark the job cancelled; returns its bitmaps as they were (to find the rows in flight)."""
+        with self.connection.reachable():
+            pipe = self.pipeline()
+            self.set_state("cancelled", pipeline=pipe)
+            for key in self.keys.bitmaps():
+                pipe.get(key)
+            _, *bitmaps = pipe.execute()
+        return [b or b"" for b in bitmaps]
+
+    # --- sending rows -----------------------------------------------------------------------
+    def before_send(self, chunk: Chunk, now: float, pipeline: Pipeline | None = None) -> None:
+        """Record a chunk as being sent (``sending``), with its requests (for a retry) and the
+        submitted record of each row; every key of the job lives on for ``result_expires``."""
+        with self._batch(pipeline) as pipe:
+            pipe.sadd(self.keys.sending, *(i for i, _ in chunk))
+            for index, request in chunk:
+                if isinstance(request, dict):
+                    meta = {"submitted_at": now, "job": self.job_id, "index": index}
+                    pipe.set(submitted_key(self.task_id(index)), json.dumps(meta), ex=self.ttl)
+                    pipe.hset(self.keys.rows, str(index), json.dumps(request))
+            for key in self.keys.all():
+                pipe.expire(key, self.ttl)
+
+    def mark_sent(self, rows: list[int], pipeline: Pipeline | None = None) -> None:
+        """The chunk's messages are enqueued: its rows move from ``sending`` to ``sent``."""
+        with self._batch(pipeline) as pipe:
+            for index in rows:
+                pipe.setbit(self.keys.sent, index, 1)
+            pipe.srem(self.keys.sending, *rows)
+
+    def settle_sending(self) -> list[int]:
+        """Rows a killed producer was enqueueing: sent if a trace of their message exists (result,
+        stream, queued or reserved message), else they are to be sent again. Returns the sent ones."""
+        with self.connection.reachable():
+            rows = sorted(int(i) for i in self.connection.redis.smembers(self.keys.sending))
+            if not rows:
+                return []
+            ids = [self.task_id(i) for i in rows]
+            pipe = self.pipeline()
+            for task_id in ids:
+                pipe.exists(self.connection.result_key(task_id), stream_key(task_id))
+            traces = pipe.execute()
+            queued = self.connection.broker_task_ids(BULK_QUEUE, f"{self.job_id}:")
+            sent = [i for i, task_id, n in zip(rows, ids, traces, strict=True) if n or task_id in queued]
+            pipe = self.pipeline()
+            for index in sent:
+                pipe.setbit(self.keys.sent, index, 1)
+            pipe.delete(self.keys.sending)
+            pipe.execute()
+        return sent
+
+    # --- results ----------------------------------------------------------------------------
+    def results(self, rows: list[int]) -> list[tuple[int, GenerationResult | None]]:
+        """The stored result of each row (None: not over yet), one MGET per ``FETCH`` rows."""
+        found: list[tuple[int, GenerationResult | None]] = []
+        for start in range(0, len(rows), FETCH):
+            part = rows[start:start + FETCH]
+            ids = [self.task_id(i) for i in part]
+            with self.connection.reachable():
+                raws = self.connection.redis.mget([self.connection.result_key(t) for t in ids])
+            found += [(i, self.connection.decode_result(t, raw)) for i, t, raw in zip(part, ids, raws, strict=True)]
+        return found
+
+    def record(self, finished: list[tuple[int, int]], pipeline: Pipeline | None = None) -> None:
+        """Outcomes ``(index, OK|FAILED|CANCELLED)`` into the bitmaps; a failed row's request is
+        kept for a retry."""
+        bitmaps = {OK: self.keys.ok, FAILED: self.keys.failed, CANCELLED: self.keys.cancelled}
+        with self._batch(pipeline) as pipe:
+            for index, kind in finished:
+                pipe.setbit(bitmaps[kind], index, 1)
+                if kind != FAILED:
+                    pipe.hdel(self.keys.rows, str(index))
+
+    # --- retrying ---------------------------------------------------------------------------
+    def requests(self, rows: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        """The stored requests of rows (those without one are left out)."""
+        if not rows:
+            return []
+        with self.connection.reachable():
+            raws = self.connection.redis.hmget(self.keys.rows, [str(i) for i in rows])
+        return [(i, json.loads(raw)) for i, raw in zip(rows, raws, strict=True) if raw]
+
+    def reset(self, rows: list[int], pipeline: Pipeline | None = None) -> None:
+        """Forget the failures so that the rows read as unsent and the worker runs them again."""
+        with self._batch(pipeline) as pipe:
+            for index in rows:
+                task_id = self.task_id(index)
+                pipe.delete(self.connection.result_key(task_id), stream_key(task_id))
+                pipe.setbit(self.keys.failed, index, 0)
+                pipe.setbit(self.keys.sent, index, 0)
+            self.set_state("running", pipeline=pipe)
+
+
+def new_info(params: dict[str, Any], total: int | None, fingerprint: str | None) -> dict[str, str]:
+    """The info hash of a new job."""
+    return {"total": str(-1 if total is None else total), "params": json.dumps(params, sort_keys=True),
+            "created": str(time.time()), "state": "running", "fingerprint": fingerprint or ""}
