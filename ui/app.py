@@ -23,6 +23,7 @@ from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, reques
 log = logging.getLogger(__name__)
 
 FARM_REFRESH_SECONDS = 2.0
+CLOCK_FORMAT = "%H:%M:%S"
 GenerateOutputs = tuple[str, str, str]
 
 
@@ -127,11 +128,20 @@ def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, lis
     workers = gr.Dataframe(headers=farm.WORKER_COLUMNS, interactive=False, label="Workers online")
     with gr.Row():
         # Points, not bars: a bar on a time axis has no width, and a lone batch would not show.
+        # The frames' dtypes make the axes (farm.BATCH_DTYPES); the clock format keeps the time
+        # labels of a minute's batches apart (Vega's default shows only ":30", ":40").
         sizes = gr.ScatterPlot(x="time", y="batch size", color="worker", title="Recent batch sizes",
-                               y_title="requests in the batch", y_lim=[0, None], height=280)
+                               y_title="requests in the batch", y_lim=[0, None], height=280,
+                               x_axis_format=CLOCK_FORMAT, elem_id="batch-sizes")
         speed = gr.LinePlot(x="time", y="tokens/s", color="worker", title="Throughput of recent batches",
-                            y_title="tokens/s", y_lim=[0, None], height=280)
-    outputs: list[Any] = [summary, workers, sizes, speed]
+                            y_title="tokens/s", y_lim=[0, None], height=280, x_axis_format=CLOCK_FORMAT,
+                            elem_id="batch-speed")
+    colors = gr.State({})
+    # A changed colour map (a worker came or went) makes Gradio rebuild the charts with the data
+    # they hold; a tick with the same workers only swaps the data (see farm.worker_colors).
+    colors.change(lambda c: (gr.ScatterPlot(color_map=c), gr.LinePlot(color_map=c)), inputs=colors,
+                  outputs=[sizes, speed], api_visibility="private", show_progress="hidden")
+    outputs: list[Any] = [summary, workers, sizes, speed, colors]
     timer = gr.Timer(FARM_REFRESH_SECONDS, active=False)
     timer.tick(_farm_refresher(client, settings), outputs=outputs, show_progress="hidden",
                api_name="farm", concurrency_limit=8)
@@ -139,10 +149,10 @@ def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, lis
 
 
 def _farm_refresher(client: FarmClient, settings: FarmSettings) -> Any:
-    def refresh(request: gr.Request) -> tuple[str, Any, Any, Any]:
+    def refresh(request: gr.Request) -> tuple[str, Any, Any, Any, dict[str, str]]:
         host = request.headers.get("host") if request is not None else None
         view = farm.farm_view(client, farm.flower_url(settings, host))
-        return view.summary, view.workers, view.batches, view.batches
+        return view.summary, view.workers, view.batches, view.batches, farm.worker_colors(view.batches)
 
     return refresh
 
