@@ -62,7 +62,7 @@ def read_chart(page: Any, title: str) -> DrawnChart | None:
 # Vega's SVG renderer names its groups by role: role-title, role-axis (aria-label "X-axis …" /
 # "Y-axis …") holding role-axis-label texts, and role-mark groups (mark-symbol for points,
 # mark-line for lines). The y labels are read bottom to top, as a person reads an axis.
-READ_CHART = """(title) => {
+READ_CHART = r"""(title) => {
     for (const svg of document.querySelectorAll('svg')) {
         const heading = svg.querySelector('.role-title text');
         if (!heading || heading.textContent.trim() !== title) continue;
