@@ -23,6 +23,7 @@ from gradio_client import Client
 
 from producer import FarmClient
 from protocol.names import INTERACTIVE_QUEUE, heartbeat_key, stream_key
+from protocol.schema import Limits
 from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
 from tests.ui_browser import CLOCK, browser_page, read_chart
 
@@ -418,3 +419,11 @@ def test_farm_charts_draw_points_on_a_time_axis_and_numeric_axes(apps: dict[str,
     assert sorted(range(4), key=lambda i: -by_time[i]) == [0, 1, 3, 2]  # sizes 1 < 3 < 5 < 7, bottom to top
     assert speed.line_vertices >= 4
     assert not [m for m in console if "domainMin" in m or "point scale" in m], console
+
+
+def test_temperature_widgets_reach_the_api_limit(apps: dict[str, UiApp]) -> None:
+    """The sliders end where the API does (Limits.max_temperature, 5), not at 2."""
+    config = json.loads(urllib.request.urlopen(apps["farm"].url + "/config", timeout=10).read())
+    ends = {c["props"].get("label"): c["props"].get("maximum") for c in config["components"]
+            if str(c["props"].get("label", "")).startswith("Temperature")}
+    assert ends == {"Temperature (0 = greedy)": Limits().max_temperature, "Temperature": 5.0}

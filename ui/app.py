@@ -16,6 +16,7 @@ import gradio as gr
 
 from producer.client import FarmClient
 from protocol.errors import FarmError, SettingsError
+from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import bulk, farm, status
 from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, request_data
@@ -72,7 +73,8 @@ def _generate_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
             max_new = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
                                 settings.max_new_tokens), step=1, label="Max new tokens",
                                 elem_id="max-new-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            temperature = gr.Slider(0.0, Limits.from_settings(settings).max_temperature, value=0.0, step=0.05,
+                                    label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
         with gr.Row():
             adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE,
@@ -105,7 +107,7 @@ def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutput
     except FarmError as error:
         message = status.refused(error)
         log.info("generate refused: %s", error.message)
-        gr.Warning(message)
+        gr.Warning(message, duration=status.TOAST_SECONDS)
         yield f"**Not sent.** {message}", "", ""
 
 
