@@ -33,6 +33,8 @@ class Limits:
     default_new_tokens: int = 128
     adapters: tuple[str, ...] | None = None
     """Adapter names on offer; ``None`` when unknown (the worker checks again)."""
+    max_temperature: float = MAX_TEMPERATURE
+    """The highest temperature a request may ask for (forms take their slider's end from it)."""
 
     @classmethod
     def from_settings(cls, settings: FarmSettings, adapters: list[str] | None = None) -> Limits:

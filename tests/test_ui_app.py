@@ -23,11 +23,14 @@ from gradio_client import Client
 
 from producer import FarmClient
 from protocol.names import INTERACTIVE_QUEUE, heartbeat_key, stream_key
+from protocol.schema import Limits
 from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
+from tests.ui_browser import CLOCK, browser_page, read_chart
 
 pytestmark = pytest.mark.integration
 
 IDLE_DB = 11  # a db no worker serves; this module's own
+CHART_DB = 12  # the charts' test: heartbeats written by hand
 AUTH = ("tester", "s3cret")
 FLOWER_PORT = "5599"
 CHROMIUM = "/usr/bin/chromium"
@@ -80,13 +83,15 @@ def answers(app: UiApp) -> bool:
 
 @pytest.fixture(scope="module")
 def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict[str, UiApp]]:
-    """Three UIs started together (importing gradio takes seconds): on the worker's Redis, on a
-    db no worker serves (with a login and a queue limit of 3), and on a closed port."""
+    """Four UIs started together (importing gradio takes seconds): on the worker's Redis, on a
+    db no worker serves (with a login and a queue limit of 3), on a closed port, and on a db
+    whose heartbeats the charts' test writes."""
     redis_server.client(IDLE_DB).flushdb()
     started = {
         "farm": launch_ui("farm", farm_worker.redis_url),
         "idle": launch_ui("idle", redis_server.url(IDLE_DB), ui_auth=":".join(AUTH), ui_max_queue="3"),
         "down": launch_ui("down", f"redis://127.0.0.1:{free_port()}/0"),
+        "charts": launch_ui("charts", redis_server.url(CHART_DB)),
     }
     try:
         for app in started.values():
@@ -96,6 +101,7 @@ def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict
         for app in started.values():
             stop_process(app.process)
         redis_server.client(IDLE_DB).flushdb()
+        redis_server.client(CHART_DB).flushdb()
 
 
 def generate(app: UiApp, prompt: str, **params: object) -> object:
@@ -375,3 +381,49 @@ def test_bulk_job_can_be_cancelled(apps: dict[str, UiApp], tmp_path: Path) -> No
     _, shown, results_file = ui.predict(job_id, api_name="/follow_job")
     lines = [json.loads(line) for line in Path(results_file).read_text().splitlines()]
     assert len(lines) == 40 and sum(line["finish_reason"] == "cancelled" for line in lines) > 30
+
+
+# (size, tokens/s) of four batches ten seconds apart: sizes out of order, rates of several digits.
+CHART_BATCHES = [(1, 5.5), (3, 10.2), (7, 32.4), (5, 56.6)]
+
+
+def test_farm_charts_draw_points_on_a_time_axis_and_numeric_axes(apps: dict[str, UiApp],
+                                                                  redis_server: RedisServer) -> None:
+    """The page opens before any batch ran, as after ``farm up``; the batches come later. Read
+    back from the drawn SVG: a time axis (clock labels, not epoch milliseconds), numeric y axes
+    ascending from 0, one point per batch left to right in time, and a line through them."""
+    db = redis_server.client(CHART_DB)
+    with browser_page(apps["charts"].url) as page:
+        page.get_by_role("tab", name="Farm").click()
+        page.get_by_text("No worker online").wait_for(timeout=30000)
+        now = time.time()
+        batches = [{"at": now - 40 + 10 * i, "size": size, "tokens": rate * 2, "seconds": 2.0}
+                   for i, (size, rate) in enumerate(CHART_BATCHES)]
+        record = {"name": "charted@test", "ready": True, "adapters": ["base"], "updated_at": now,
+                  "recent_batches": batches}
+        db.set(heartbeat_key("charted@test"), json.dumps(record), ex=120)
+        page.get_by_text("1 worker online").wait_for(timeout=30000)
+        page.wait_for_timeout(2500)  # one more refresh: the charts redraw after their data
+        sizes, speed = read_chart(page, "Recent batch sizes"), read_chart(page, "Throughput of recent batches")
+        page.screenshot(path=str(OUTPUT / "ui" / "charts.png"), full_page=True)
+        console = list(page.console)
+    assert sizes is not None and speed is not None, "the charts are not drawn"
+    for chart in (sizes, speed):
+        assert chart.x_labels and all(CLOCK.match(label) for label in chart.x_labels), chart.x_labels
+        assert chart.y_numbers() == sorted(chart.y_numbers()) and chart.y_numbers()[0] == 0, chart.y_labels
+    # Vega picks the ticks (0, 20, 40 for 56.6 in a short chart): the values' range, not categories.
+    assert max(sizes.y_numbers()) >= 7 / 2 and max(speed.y_numbers()) >= 56.6 / 2
+    assert len(sizes.points) == 4, sizes.points
+    xs, ys = [p[0] for p in sizes.points], [p[1] for p in sizes.points]
+    by_time = [ys[i] for i in sorted(range(4), key=lambda i: xs[i])]
+    assert sorted(range(4), key=lambda i: -by_time[i]) == [0, 1, 3, 2]  # sizes 1 < 3 < 5 < 7, bottom to top
+    assert speed.line_vertices >= 4
+    assert not [m for m in console if "domainMin" in m or "point scale" in m], console
+
+
+def test_temperature_widgets_reach_the_api_limit(apps: dict[str, UiApp]) -> None:
+    """The sliders end where the API does (Limits.max_temperature, 5), not at 2."""
+    config = json.loads(urllib.request.urlopen(apps["farm"].url + "/config", timeout=10).read())
+    ends = {c["props"].get("label"): c["props"].get("maximum") for c in config["components"]
+            if str(c["props"].get("label", "")).startswith("Temperature")}
+    assert ends == {"Temperature (0 = greedy)": Limits().max_temperature, "Temperature": 5.0}

@@ -16,6 +16,7 @@ import gradio as gr
 
 from producer.client import FarmClient
 from protocol.errors import FarmError, SettingsError
+from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import bulk, farm, status
 from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, request_data
@@ -23,6 +24,7 @@ from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, reques
 log = logging.getLogger(__name__)
 
 FARM_REFRESH_SECONDS = 2.0
+CLOCK_FORMAT = "%H:%M:%S"
 GenerateOutputs = tuple[str, str, str]
 
 
@@ -71,7 +73,8 @@ def _generate_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
             max_new = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
                                 settings.max_new_tokens), step=1, label="Max new tokens",
                                 elem_id="max-new-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            temperature = gr.Slider(0.0, Limits.from_settings(settings).max_temperature, value=0.0, step=0.05,
+                                    label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
         with gr.Row():
             adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE,
@@ -104,7 +107,7 @@ def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutput
     except FarmError as error:
         message = status.refused(error)
         log.info("generate refused: %s", error.message)
-        gr.Warning(message)
+        gr.Warning(message, duration=status.TOAST_SECONDS)
         yield f"**Not sent.** {message}", "", ""
 
 
@@ -127,11 +130,20 @@ def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, lis
     workers = gr.Dataframe(headers=farm.WORKER_COLUMNS, interactive=False, label="Workers online")
     with gr.Row():
         # Points, not bars: a bar on a time axis has no width, and a lone batch would not show.
+        # The frames' dtypes make the axes (farm.BATCH_DTYPES); the clock format keeps the time
+        # labels of a minute's batches apart (Vega's default shows only ":30", ":40").
         sizes = gr.ScatterPlot(x="time", y="batch size", color="worker", title="Recent batch sizes",
-                               y_title="requests in the batch", y_lim=[0, None], height=280)
+                               y_title="requests in the batch", y_lim=[0, None], height=280,
+                               x_axis_format=CLOCK_FORMAT, elem_id="batch-sizes")
         speed = gr.LinePlot(x="time", y="tokens/s", color="worker", title="Throughput of recent batches",
-                            y_title="tokens/s", y_lim=[0, None], height=280)
-    outputs: list[Any] = [summary, workers, sizes, speed]
+                            y_title="tokens/s", y_lim=[0, None], height=280, x_axis_format=CLOCK_FORMAT,
+                            elem_id="batch-speed")
+    colors = gr.State({})
+    # A changed colour map (a worker came or went) makes Gradio rebuild the charts with the data
+    # they hold; a tick with the same workers only swaps the data (see farm.worker_colors).
+    colors.change(lambda c: (gr.ScatterPlot(color_map=c), gr.LinePlot(color_map=c)), inputs=colors,
+                  outputs=[sizes, speed], api_visibility="private", show_progress="hidden")
+    outputs: list[Any] = [summary, workers, sizes, speed, colors]
     timer = gr.Timer(FARM_REFRESH_SECONDS, active=False)
     timer.tick(_farm_refresher(client, settings), outputs=outputs, show_progress="hidden",
                api_name="farm", concurrency_limit=8)
@@ -139,10 +151,10 @@ def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, lis
 
 
 def _farm_refresher(client: FarmClient, settings: FarmSettings) -> Any:
-    def refresh(request: gr.Request) -> tuple[str, Any, Any, Any]:
+    def refresh(request: gr.Request) -> tuple[str, Any, Any, Any, dict[str, str]]:
         host = request.headers.get("host") if request is not None else None
         view = farm.farm_view(client, farm.flower_url(settings, host))
-        return view.summary, view.workers, view.batches, view.batches
+        return view.summary, view.workers, view.batches, view.batches, farm.worker_colors(view.batches)
 
     return refresh
 

@@ -17,7 +17,9 @@ from producer.client import FarmClient
 from producer.files import PromptFileError, Written, check_rows, choose_job_id, iter_rows, result_line
 from producer.jobs import Job, JobProgress
 from protocol.errors import FarmError
+from protocol.schema import Limits
 from protocol.settings import FarmSettings
+from ui import status
 from ui.generate import DEFAULT_ADAPTER_CHOICE
 
 FOLLOW_SECONDS = 1.0
@@ -92,7 +94,8 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
     with gr.Row():
         max_new = gr.Number(min(settings.default_new_tokens, settings.max_new_tokens), precision=0, minimum=1,
                             maximum=settings.max_new_tokens, label="Max new tokens")
-        temperature = gr.Number(0.0, minimum=0.0, maximum=2.0, label="Temperature")
+        temperature = gr.Number(0.0, minimum=0.0, maximum=Limits.from_settings(settings).max_temperature,
+                                label="Temperature")
         top_p = gr.Number(1.0, minimum=0.05, maximum=1.0, label="Top-p")
         adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
                               visible=False)
@@ -177,7 +180,7 @@ def _cancel(jobs: BulkJobs, job_id: str) -> str:
 
 def _problem(message: str) -> str:
     """A warning toast, and the reason kept in the progress area (an error would cover it)."""
-    gr.Warning(message)
+    gr.Warning(message, duration=status.TOAST_SECONDS)
     return f"<p><b>Not done.</b> {html.escape(message)}</p>"
 
 

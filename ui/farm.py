@@ -16,6 +16,14 @@ from protocol.settings import FarmSettings
 WORKER_COLUMNS = ["worker", "device", "model", "adapters", "running", "waiting", "batches", "mean batch",
                   "tokens/s", "beat (s ago)"]
 BATCH_COLUMNS = ["time", "worker", "batch size", "tokens/s"]
+BATCH_DTYPES = {"time": "datetime64[ms]", "worker": "str", "batch size": "float64", "tokens/s": "float64"}
+"""Typed even when empty: Gradio's chart fixes its axis types from the first frame it gets (the
+page's first refresh, before any batch ran), and an untyped empty frame makes every axis a
+category axis for good (epoch milliseconds as labels, numbers out of order)."""
+
+
+WORKER_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                  "#bcbd22", "#17becf")
 
 
 @dataclass
@@ -31,7 +39,7 @@ def farm_view(client: FarmClient, flower: str) -> FarmView:
         workers, depths = client.heartbeats(), client.queue_depths()
     except FarmError as error:
         return FarmView(f"**Farm unreachable**: {error.message}\n\n{flower_link(flower)}", _frame([], WORKER_COLUMNS),
-                        _frame([], BATCH_COLUMNS))
+                        batches_frame([]))
     return FarmView(summary(workers, depths, flower), workers_frame(workers), batches_frame(workers))
 
 
@@ -68,7 +76,15 @@ def batches_frame(workers: list[WorkerHeartbeat]) -> pd.DataFrame:
     """One row per recent batch of every worker: when, its size and its speed."""
     rows = [[pd.Timestamp(b.at, unit="s"), w.name or "?", b.size, round(b.tokens_per_second, 1)]
             for w in workers for b in w.recent_batches]
-    return _frame(sorted(rows, key=lambda r: r[0]), BATCH_COLUMNS)
+    return _frame(sorted(rows, key=lambda r: r[0]), BATCH_COLUMNS).astype(BATCH_DTYPES)
+
+
+def worker_colors(batches: pd.DataFrame) -> dict[str, str]:
+    """A colour per worker in the charts. Gradio draws a chart's colour scale from the workers in
+    its data when it builds the chart, and only swaps the data afterwards: a chart built before
+    any batch had no colour for anyone, so nothing showed. A changed colour map rebuilds it."""
+    names = sorted(set(batches["worker"]))
+    return {name: WORKER_PALETTE[i % len(WORKER_PALETTE)] for i, name in enumerate(names)}
 
 
 def _model(worker: WorkerHeartbeat) -> str:

@@ -10,6 +10,10 @@ from __future__ import annotations
 from protocol.errors import ErrorCode, FarmError
 from protocol.schema import GenerationResult
 
+TOAST_SECONDS = 4
+"""A warning toast's life. Toasts belong to the page, not to a tab: Gradio's 10 s default kept a
+Generate tab's warning over the Bulk tab after a switch; the status line keeps the reason."""
+
 
 def queued(ahead: int, workers_online: int) -> str:
     if workers_online == 0:
