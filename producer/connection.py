@@ -96,12 +96,19 @@ class FarmConnection:
 
     # --- the broker -----------------------------------------------------------------------------
     def broker_task_ids(self, queue: str, marker: str) -> set[str]:
-        """Ids containing ``marker`` of the messages waiting in ``queue`` or reserved by a worker."""
+        """Ids containing ``marker`` of the messages waiting in ``queue`` or reserved by a worker
+        (read in one transaction: a message moving from the queue to a worker, or back, is seen
+        once). A reserved message counts whatever its owner: a live one runs it, a dead one's is
+        returned by a sweeper (protocol/ownership.py), one without an owner by kombu's timeout."""
         needle = marker.encode()
         with self.reachable():
-            queued = [json.loads(r) for r in self.redis.lrange(queue, 0, -1) if needle in r]
-            # kombu keeps a reserved message as json ``[message, exchange, routing_key]``
-            queued += [json.loads(r)[0] for r in self.redis.hvals(KOMBU_UNACKED) if needle in r]
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lrange(queue, 0, -1)
+            pipe.hvals(KOMBU_UNACKED)
+            waiting, reserved = pipe.execute()
+        queued = [json.loads(r) for r in waiting if needle in r]
+        # kombu keeps a reserved message as json ``[message, exchange, routing_key]``
+        queued += [json.loads(r)[0] for r in reserved if needle in r]
         return {str(message["headers"]["id"]) for message in queued}
 
     def sender_app(self) -> Celery:
