@@ -35,9 +35,12 @@ from protocol.settings import project_root
 
 WORKERS = 3
 KILL_EVERY = 40.0
-REDIS_RESTARTS_AT = (60.0, 150.0)
+REDIS_RESTARTS_AT = (50.0, 120.0)
 """Seconds into the job: SIGTERM at the first, SIGKILL at the second."""
 LIMIT = 600.0
+TOKENS = 64
+"""New tokens per row (EOS ignored); with small batches (``FARM_MAX_BATCH_SIZE=2``) the job lasts
+minutes on two cores, so that every fault lands in it."""
 OUT = project_root() / "bench" / "results" / "soak.json"
 
 
@@ -56,7 +59,8 @@ class Farm:
     def _worker(self, index: int, model: Path) -> ChildSpec:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("FARM_")}, "PYTHONPATH": str(project_root()),
                "FARM_REDIS_URL": self.url, "FARM_MODEL": str(model), "FARM_WORKER_NAME": f"cpu@soak{index}",
-               "FARM_HEARTBEAT_SECONDS": "0.5", "FARM_COUNT_EXECUTIONS": "1", "FARM_MAX_INFLIGHT": "16"}
+               "FARM_HEARTBEAT_SECONDS": "0.5", "FARM_COUNT_EXECUTIONS": "1", "FARM_MAX_INFLIGHT": "4",
+               "FARM_MAX_BATCH_SIZE": "2"}
         return ChildSpec(f"worker{index}", [sys.executable, "-m", "worker.main", "--device", "cpu"], env,
                          restart=True, stop_timeout=30)
 
@@ -119,7 +123,8 @@ def read_job(client: FarmClient, rows: int) -> tuple[list[str], float, float]:
     """Submit the job and read its results in input order (as ``farm submit`` writes them);
     returns their ids, the worst stall (longest time between two rows of that output) and the
     time taken."""
-    job = client.submit_job([f"soak row {i}" for i in range(rows)], "soak", max_new_tokens=8)
+    job = client.submit_job([f"soak row {i}" for i in range(rows)], "soak", max_new_tokens=TOKENS,
+                            ignore_eos=True)
     started = last = time.monotonic()
     worst, ids = 0.0, []
     for result in job.results(timeout=LIMIT):
