@@ -248,11 +248,14 @@ def generate_command(argv: list[str]) -> int:
     client = _client(args)
     handle = client.submit(args.prompt, **request_params(args))
     _warn_without_workers("generate", client)
+    def say(message: str) -> None:  # a Redis outage while waiting, said at once
+        print(f"farm generate: {message}", file=sys.stderr, flush=True)
+
     try:
-        for delta in handle.stream(timeout=args.timeout):
+        for delta in handle.stream(timeout=args.timeout, on_outage=say):
             sys.stdout.write(delta)
             sys.stdout.flush()
-        result = handle.result(timeout=args.timeout)
+        result = handle.result(timeout=args.timeout, on_outage=say)
     except (KeyboardInterrupt, TimeoutError) as error:
         handle.cancel()
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"no result after {args.timeout}s"

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,30 +159,38 @@ class RequestHandle:
     def __repr__(self) -> str:
         return f"RequestHandle({self.id!r})"
 
-    def result(self, timeout: float | None = None) -> GenerationResult:
+    def result(self, timeout: float | None = None,
+               on_outage: Callable[[str], None] | None = None) -> GenerationResult:
         """Wait for the result; raises ``TimeoutError`` after ``timeout`` seconds. A Redis outage
-        shorter than ``OUTAGE_GRACE`` seconds (a restart) is waited out."""
+        shorter than ``OUTAGE_GRACE`` seconds (a restart) is waited out: it is said at once (to
+        ``on_outage``, else as a warning on the ``producer`` logger), and it raises
+        ``FarmUnavailable`` once it outlasts the grace or ``timeout``."""
         follower = Follower(until_result=True)
-        for _ in self.follow(follower, timeout, outage=Outage()):
+        for _ in self.follow(follower, timeout, outage=self._outage(on_outage)):
             pass
         assert follower.meta is not None  # the follower is done only with the stored result
         return result_from_meta(self.id, follower.meta)
 
-    def stream(self, timeout: float | None = None) -> Iterator[str]:
+    def stream(self, timeout: float | None = None, on_outage: Callable[[str], None] | None = None) -> Iterator[str]:
         """Text deltas as the worker generates them; their concatenation is the final text."""
-        for event in self.events(timeout):
+        for event in self.events(timeout, on_outage):
             if event["type"] == "delta" and event.get("text"):
                 yield str(event["text"])
 
-    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """All stream events (start, delta, end); ends after ``end`` or when the task is over."""
-        for events in self.follow(Follower(), timeout):
+    def events(self, timeout: float | None = None,
+               on_outage: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+        """All stream events (start, delta, end); ends after ``end`` or when the task is over.
+        A Redis outage is ridden out and said as ``result`` does."""
+        for events in self.follow(Follower(), timeout, outage=self._outage(on_outage)):
             yield from events
 
     def follow(self, follower: Follower, timeout: float | None = None, block_ms: int = 1000,
                outage: Outage | None = None) -> Iterator[list[dict[str, Any]]]:
         """Drive ``follower`` over this request (see ``producer.follow``)."""
         return follow(self.client.connection, self.id, follower, timeout=timeout, block_ms=block_ms, outage=outage)
+
+    def _outage(self, notify: Callable[[str], None] | None) -> Outage:
+        return Outage(where=f"Redis at {self.client.settings.redacted_redis_url()}", notify=notify)
 
     def status(self) -> RequestStatus:
         """Queued, running (on which worker, in a batch of how many), done, failed or cancelled."""

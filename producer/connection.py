@@ -8,7 +8,9 @@ beside it (the stream of events, the cancel flag, the submitted record).
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -31,6 +33,8 @@ OUTAGE_GRACE = 60.0
 Events = list[tuple[str, dict[str, Any]]]
 """Stream events as read: ``[(event_id, {"type": ..., ...})]``."""
 
+log = logging.getLogger(__name__)
+
 
 class FarmConnection:
     """One farm's Redis and Celery app. Thread-safe; share one per process."""
@@ -46,9 +50,14 @@ class FarmConnection:
 
     # --- one request --------------------------------------------------------------------------
     def task_meta(self, request_id: str) -> dict[str, Any]:
-        """Celery's record of a task (``status``, ``result``); ``PENDING`` when none is stored."""
+        """Celery's record of a task (``status``, ``result``); ``PENDING`` when none is stored.
+        Read with this connection's short retries, not through Celery's backend, which retries a
+        lost Redis for a minute in silence (``result_backend_always_retry``, for the workers)."""
         with self.reachable():
-            return dict(self.app.backend.get_task_meta(request_id))
+            raw = self.redis.get(self.result_key(request_id))
+        if raw is None:
+            return {"status": "PENDING", "result": None, "task_id": request_id}
+        return dict(self.app.backend.decode_result(raw))
 
     def read_events(self, request_id: str, after: str = "0", block_ms: int | None = None) -> Events:
         """Stream events after ``after``, waiting up to ``block_ms`` for the first one."""
@@ -96,12 +105,19 @@ class FarmConnection:
 
     # --- the broker -----------------------------------------------------------------------------
     def broker_task_ids(self, queue: str, marker: str) -> set[str]:
-        """Ids containing ``marker`` of the messages waiting in ``queue`` or reserved by a worker."""
+        """Ids containing ``marker`` of the messages waiting in ``queue`` or reserved by a worker
+        (read in one transaction: a message moving from the queue to a worker, or back, is seen
+        once). A reserved message counts whatever its owner: a live one runs it, a dead one's is
+        returned by a sweeper (protocol/ownership.py), one without an owner by kombu's timeout."""
         needle = marker.encode()
         with self.reachable():
-            queued = [json.loads(r) for r in self.redis.lrange(queue, 0, -1) if needle in r]
-            # kombu keeps a reserved message as json ``[message, exchange, routing_key]``
-            queued += [json.loads(r)[0] for r in self.redis.hvals(KOMBU_UNACKED) if needle in r]
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lrange(queue, 0, -1)
+            pipe.hvals(KOMBU_UNACKED)
+            waiting, reserved = pipe.execute()
+        queued = [json.loads(r) for r in waiting if needle in r]
+        # kombu keeps a reserved message as json ``[message, exchange, routing_key]``
+        queued += [json.loads(r)[0] for r in reserved if needle in r]
         return {str(message["headers"]["id"]) for message in queued}
 
     def sender_app(self) -> Celery:
@@ -129,20 +145,30 @@ class Reachable:
 
 
 class Outage:
-    """How long Redis has been unreachable while we wait for a result."""
+    """How long Redis has been unreachable while we wait for a result. Says when an outage
+    begins and ends, through ``notify`` (a warning on the ``producer`` logger by default): a wait
+    that freezes in silence looks like a hung farm."""
 
-    def __init__(self, grace: float = OUTAGE_GRACE) -> None:
-        self.grace = grace
+    def __init__(self, grace: float = OUTAGE_GRACE, where: str = "Redis",
+                 notify: Callable[[str], None] | None = None) -> None:
+        self.grace, self.where = grace, where
+        self.notify = notify or log.warning
         self.since: float | None = None
 
-    def wait_or_raise(self, error: FarmUnavailable) -> None:
+    def wait_or_raise(self, error: FarmUnavailable, deadline: float | None = None) -> None:
+        """Wait a moment for Redis to come back; raise ``error`` once the grace or the caller's
+        ``deadline`` (``time.monotonic()``) has passed."""
         now = time.monotonic()
-        self.since = self.since or now
-        if now - self.since > self.grace:
+        if self.since is None:
+            self.since = now
+            self.notify(f"{self.where} is unreachable, retrying (for up to {self.grace:.0f}s)")
+        if now - self.since > self.grace or (deadline is not None and now >= deadline):
             raise error
         time.sleep(0.5)
 
     def clear(self) -> None:
+        if self.since is not None:
+            self.notify(f"{self.where} is back; carrying on")
         self.since = None
 
 

@@ -94,7 +94,8 @@ def follow(connection: FarmConnection, request_id: str, follower: Follower, *, t
     """Drive ``follower`` with blocking reads until it is done. Yields the events of each read of
     the stream that brought some, and ``[]`` after each look at a task still running (a tick for
     a display). Raises ``TimeoutError`` after ``timeout`` seconds; with ``outage``, a Redis outage
-    shorter than its grace is waited out."""
+    shorter than its grace is waited out (and said), and one that outlasts it or ``timeout``
+    raises ``FarmUnavailable``."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while follower.step is not Step.DONE:
         try:
@@ -102,7 +103,7 @@ def follow(connection: FarmConnection, request_id: str, follower: Follower, *, t
         except FarmUnavailable as error:
             if outage is None:
                 raise
-            outage.wait_or_raise(error)
+            outage.wait_or_raise(error, deadline)
             continue
         if outage is not None:
             outage.clear()

@@ -102,13 +102,14 @@ class RowBook:
         return True
 
     def reopen(self, index: int) -> None:
-        """A finished row goes back to pending and unsent (``retry_failed``)."""
+        """A row goes back to pending and unsent (``retry_failed``, a row lost in flight)."""
         kind = self.states[index] & 3
         if kind:
             self.counts[kind] -= 1
             self.counts[PENDING] += 1
         self.sent -= bool(self.states[index] & SENT)
         self.states[index] = PENDING
+        self.outstanding.discard(index)
 
     def cancel_unsent(self, handed: int) -> list[int]:
         """Mark every row never sent as cancelled; a lazy source ends at ``handed`` rows."""

@@ -2,8 +2,11 @@
 
 A job is composed of its ``JobStore`` (Redis), its ``Lease`` (one sender at a time), its
 ``Ledger`` (the rows as this process knows them) and its ``Sender`` (the pump thread). A
-resubmitted job sends only rows never sent: rows in flight finish from their first message, and
-the worker skips a message whose id already has a stored result, so nothing runs twice.
+resubmitted job sends the rows never sent, and the rows sent whose message is nowhere (no
+stored result, in no queue, reserved by no worker: lost with a fault, such as a Redis restarted
+from its append-only file without its last second); rows in flight finish from their first
+message, and the worker skips a message whose id already has a stored result. So rows may run
+again after a fault, never go missing, and each has one result.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ which then only observes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,10 @@ REFRESH_SECONDS = 1.0
 """How often a job followed from another process re-reads which rows were sent."""
 OUTAGE_SECONDS = 60.0
 """A job keeps trying this long when Redis stops answering, then fails."""
+AUDIT_SECONDS = 10.0
+"""A job with rows outstanding and none finished for this long looks for rows lost (``recover``)."""
+
+log = logging.getLogger(__name__)
 
 
 class Sender:
@@ -52,6 +57,9 @@ class Sender:
         self._closing = threading.Event()
         self._app: Celery | None = None
         self._refreshed = 0.0
+        self._audit_at = 0.0
+        """When to look for rows lost next: at once (a resumed job), then after ``AUDIT_SECONDS``
+        without a row finishing, and after an outage."""
 
     # --- driving ------------------------------------------------------------------------------
     def feed(self, source: Iterator[tuple[int, Any]]) -> None:
@@ -126,6 +134,8 @@ class Sender:
                 try:
                     if self._step():
                         break
+                    if outage is not None:  # Redis is back: it may have lost writes (its last second)
+                        self._audit_at = 0.0
                     outage = None
                 except FarmUnavailable:  # ride out a short Redis outage (a restart, a failover)
                     outage = outage or time.monotonic()
@@ -144,6 +154,8 @@ class Sender:
         """Send what the window allows, record what finished; True once every row is finished."""
         if self._unsettled:
             self._resettle()
+        if self.lease.held and time.monotonic() >= self._audit_at:
+            self.recover()
         sent = self._fill_window()
         changed = self.observe()
         with self.ledger.cond:
@@ -173,6 +185,27 @@ class Sender:
             again = [(i, r) for i, r in self._unsettled if self.ledger.book.untouched(i)]
             self._retry[:0] = again
             self._unsettled = []
+
+    def recover(self) -> int:
+        """Send again the rows sent whose message is nowhere (no result, no queue, no worker),
+        whatever lost them; returns how many. Their stored requests go first; a row without one
+        goes back to unsent, and the prompts fed (a resubmission) send it."""
+        self._audit_at = time.monotonic() + AUDIT_SECONDS
+        with self.ledger.cond:
+            if self.ledger.cancelled:
+                return 0
+            rows = sorted(self.ledger.book.outstanding)
+        lost = self.store.lost(rows)
+        if not lost:
+            return 0
+        log.warning("job %s: %d row(s) sent but neither finished, queued nor held by a worker (lost "
+                    "with a Redis restart?); sending them again", self.store.job_id, len(lost))
+        again = self.store.requests(lost)
+        with self.ledger.cond:
+            for index in set(lost) - {i for i, _ in again}:
+                self.ledger.book.reopen(index)
+            self._retry.extend(again)
+        return len(lost)
 
     # --- sending ------------------------------------------------------------------------------
     def _fill_window(self) -> int:
@@ -265,6 +298,8 @@ class Sender:
         if not self.lease.held and time.monotonic() - self._refreshed > REFRESH_SECONDS:
             rows = self._refresh_sent()
         finished = [(i, r) for i, r in self.store.results(rows) if r is not None]
+        if finished:
+            self._audit_at = time.monotonic() + AUDIT_SECONDS
         state = self._record(finished)
         if state == "cancelled" and not self.ledger.cancelled:
             self.stop_rows(rows)

@@ -125,19 +125,32 @@ class JobStore:
             rows = sorted(int(i) for i in self.connection.redis.smembers(self.keys.sending))
             if not rows:
                 return []
-            ids = [self.task_id(i) for i in rows]
+            queued = self._in_broker()
             pipe = self.pipeline()
-            for task_id in ids:
-                pipe.exists(self.connection.result_key(task_id), stream_key(task_id))
+            for index in rows:
+                pipe.exists(self.connection.result_key(self.task_id(index)), stream_key(self.task_id(index)))
             traces = pipe.execute()
-            queued = self.connection.broker_task_ids(BULK_QUEUE, f"{self.job_id}:")
-            sent = [i for i, task_id, n in zip(rows, ids, traces, strict=True) if n or task_id in queued]
+            sent = [i for i, n in zip(rows, traces, strict=True) if n or self.task_id(i) in queued]
             pipe = self.pipeline()
             for index in sent:
                 pipe.setbit(self.keys.sent, index, 1)
             pipe.delete(self.keys.sending)
             pipe.execute()
         return sent
+
+    def lost(self, rows: list[int]) -> list[int]:
+        """Rows sent whose message is nowhere: no stored result, in no queue, reserved by no
+        worker. A Redis restarted from its append-only file may have lost them with its last
+        second of writes (or a worker's reserved messages with a failed restore); they are to
+        be sent again. The broker is read before the results: a message leaves it only once
+        its result is stored, so a row between the two reads is never taken for lost."""
+        if not rows:
+            return []
+        queued = self._in_broker()
+        return [i for i, result in self.results(rows) if result is None and self.task_id(i) not in queued]
+
+    def _in_broker(self) -> set[str]:
+        return self.connection.broker_task_ids(BULK_QUEUE, f"{self.job_id}:")
 
     # --- results ----------------------------------------------------------------------------
     def results(self, rows: list[int]) -> list[tuple[int, GenerationResult | None]]:
