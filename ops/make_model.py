@@ -11,7 +11,8 @@ LM, tokenizer and two LoRA adapters, all derived from English text that ships wi
 Output layout of ``out_dir``: the model and tokenizer (``save_pretrained``), ``adapter/`` and
 ``adapter2/`` (peft LoRA), and ``farm-model.json`` (the cache marker, written last).
 
-CLI: ``python -m ops.make_model DIR --size tiny|demo|bench [--force]``.
+CLI: ``python -m ops.make_model DIR --size tiny|demo|bench [--seed N] [--force]``. Another seed
+makes another model of the same size (a second model of a farm in tests).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -288,14 +289,16 @@ def _read_marker(out_dir: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_current(out_dir: str | Path, size: str) -> bool:
-    """True when `out_dir` holds a complete build of `size` made by this BUILD_VERSION."""
+def is_current(out_dir: str | Path, size: str, seed: int | None = None) -> bool:
+    """True when `out_dir` holds a complete build of `size` (and `seed`) made by this BUILD_VERSION."""
     marker = _read_marker(Path(out_dir))
-    return marker is not None and marker.get("size") == size and marker.get("version") == BUILD_VERSION
+    wanted = SPECS[size].seed if seed is None else seed
+    return (marker is not None and marker.get("size") == size and marker.get("version") == BUILD_VERSION
+            and marker.get("seed", SPECS[size].seed) == wanted)
 
 
-def _write_marker(build_dir: Path, size: str, params: int) -> None:
-    marker = {"size": size, "version": BUILD_VERSION, "params": params}
+def _write_marker(build_dir: Path, size: str, params: int, seed: int) -> None:
+    marker = {"size": size, "version": BUILD_VERSION, "params": params, "seed": seed}
     (build_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -408,39 +411,42 @@ def _build_into(build_dir: Path, final_dir: Path, spec: Spec, progress: Progress
 
 
 def build_model(
-    out_dir: str | Path, size: str = "tiny", progress: Progress | None = None, force: bool = False
+    out_dir: str | Path, size: str = "tiny", progress: Progress | None = None, force: bool = False,
+    seed: int | None = None,
 ) -> Path:
-    """Build the `size` model into `out_dir` (skipped when already current, unless `force`)."""
+    """Build the `size` model into `out_dir` (skipped when already current, unless `force`);
+    `seed` other than the size's own makes another model of that size."""
     if size not in SPECS:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
     out_dir = Path(out_dir).resolve()
     progress = progress or _no_progress
-    if not force and is_current(out_dir, size):
+    if not force and is_current(out_dir, size, seed):
         progress("cached", 1.0)
         return out_dir
     _check_replaceable(out_dir)
     with _build_lock(out_dir):
         # Another process may have finished the same build while we waited for the lock.
-        if not force and is_current(out_dir, size):
+        if not force and is_current(out_dir, size, seed):
             progress("cached", 1.0)
             return out_dir
-        _build_and_install(out_dir, size, progress)
+        _build_and_install(out_dir, size, progress, seed)
     progress("done", 1.0)
     return out_dir
 
 
-def _build_and_install(out_dir: Path, size: str, progress: Progress) -> None:
+def _build_and_install(out_dir: Path, size: str, progress: Progress, seed: int | None = None) -> None:
     _remove_stale_builds(out_dir)
-    spec = SPECS[size]
+    spec = SPECS[size] if seed is None else replace(SPECS[size], seed=seed)
     with _build_dir(out_dir) as build_dir, _deterministic(spec.seed):
         params = _build_into(build_dir, out_dir, spec, progress)
-        _write_marker(build_dir, size, params)
+        _write_marker(build_dir, size, params, spec.seed)
         _install(build_dir, out_dir)
 
 
-def ensure_model(out_dir: str | Path, size: str, progress: Progress | None = None) -> Path:
-    """Return `out_dir`, building it first only if missing or made by another size or version."""
-    return build_model(out_dir, size, progress, force=False)
+def ensure_model(out_dir: str | Path, size: str, progress: Progress | None = None,
+                 seed: int | None = None) -> Path:
+    """Return `out_dir`, building it first only if missing or made by another size, seed or version."""
+    return build_model(out_dir, size, progress, force=False, seed=seed)
 
 
 # ---------------------------------------------------------------- CLI
@@ -461,6 +467,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ops.make_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to build into (replaced atomically)")
     parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--seed", type=int, help="another seed makes another model of the same size")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cached build is current")
     return parser.parse_args(argv)
 
@@ -468,7 +475,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        path = build_model(args.out_dir, args.size, _stderr_progress(), force=args.force)
+        path = build_model(args.out_dir, args.size, _stderr_progress(), force=args.force, seed=args.seed)
     except OSError as exc:
         print(f"make_model: {exc}", file=sys.stderr)
         return 1

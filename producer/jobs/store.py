@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.client import Pipeline
 
-from protocol.names import BULK_QUEUE, JobKeys, stream_key, submitted_key
+from protocol.names import BULK_QUEUE, JobKeys, model_queue, stream_key, submitted_key
 from protocol.schema import GenerationResult
 
 from producer.connection import FarmConnection, as_text
@@ -130,7 +130,9 @@ class JobStore:
             for task_id in ids:
                 pipe.exists(self.connection.result_key(task_id), stream_key(task_id))
             traces = pipe.execute()
-            queued = self.connection.broker_task_ids(BULK_QUEUE, f"{self.job_id}:")
+            queued: set[str] = set()
+            for queue in self._queues(rows):
+                queued |= self.connection.broker_task_ids(queue, f"{self.job_id}:")
             sent = [i for i, task_id, n in zip(rows, ids, traces, strict=True) if n or task_id in queued]
             pipe = self.pipeline()
             for index in sent:
@@ -138,6 +140,11 @@ class JobStore:
             pipe.delete(self.keys.sending)
             pipe.execute()
         return sent
+
+    def _queues(self, rows: list[int]) -> set[str]:
+        """The bulk queues of these rows' models (their requests were stored before sending)."""
+        raws = self.connection.redis.hmget(self.keys.rows, [str(i) for i in rows])
+        return {model_queue(BULK_QUEUE, json.loads(raw).get("model")) for raw in raws if raw} or {BULK_QUEUE}
 
     # --- results ----------------------------------------------------------------------------
     def results(self, rows: list[int]) -> list[tuple[int, GenerationResult | None]]:
