@@ -7,6 +7,10 @@ stopped to show what a model without a live worker does.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +21,9 @@ import pytest
 from producer import FarmClient
 from protocol.errors import NoWorkerError, RequestError
 from protocol.names import model_queue
-from tests.conftest import MODEL_CACHE, RedisServer, WorkerProcess, start_worker, wait_until
+from protocol.settings import FarmSettings
+from tests.conftest import (MODEL_CACHE, ROOT, RedisServer, WorkerProcess, free_port, start_worker, stop_process,
+                            wait_until)
 from tests.helpers import PROMPTS, reference_text
 
 DB = 7
@@ -154,3 +160,34 @@ def _first_refusal(client: FarmClient, model: str) -> NoWorkerError:
             client.submit("Hello", model=model, max_new_tokens=2)
         except NoWorkerError as error:
             return error
+
+
+@pytest.mark.timeout(400)
+def test_farm_up_serves_one_worker_group_per_model(tiny_model: Path, second_model: Path,
+                                                   tmp_path: Path) -> None:
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update({"PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_url, "FARM_HEARTBEAT_SECONDS": "0.5"})
+    cmd = [sys.executable, "-m", "ops.cli", "up", "--gpus", "none", "--no-ui", "--metrics-port", "0",
+           "--flower-port", str(free_port()), "--data-dir", str(tmp_path),
+           "--model", f"tiny={tiny_model}", "--model", f"tiny2={second_model}"]
+    log_path = tmp_path / "farm-up.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: process.poll() is not None or "[farm] ready:" in log_path.read_text(), 300, "not ready")
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        host = socket.gethostname()
+        client = FarmClient(settings=FarmSettings(redis_url=redis_url, default_model="tiny"))
+        assert {m.name: m.workers for m in client.models()} == {"tiny": (f"tiny-cpu@{host}",),
+                                                                "tiny2": (f"tiny2-cpu@{host}",)}
+        named = client.generate("The list type", model="tiny2", max_new_tokens=4, timeout=60)
+        unnamed = client.generate("The list type", max_new_tokens=4, timeout=60)  # the default: the first
+        assert [(r.model, r.worker) for r in (named, unnamed)] == [("tiny2", f"tiny2-cpu@{host}"),
+                                                                   ("tiny", f"tiny-cpu@{host}")]
+        status = subprocess.run([sys.executable, "-m", "ops.cli", "status"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        for part in ("Models served: 2", "tiny2-cpu@", "interactive.tiny2", "bulk.tiny"):
+            assert part in status.stdout, (part, status.stdout)
+    finally:
+        stop_process(process, timeout=90)
