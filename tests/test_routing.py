@@ -7,6 +7,7 @@ stopped to show what a model without a live worker does.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -118,6 +119,21 @@ def test_a_mixed_bulk_job_puts_every_row_on_its_models_worker(farm: TwoModels) -
         assert result.ok and (result.model, result.worker) == (row["model"], farm.worker_of(str(row["model"])))
     whole = farm.client.submit_job([f"all on tiny2 {i}" for i in range(10)], model="tiny2", max_new_tokens=2)
     assert {(r.model, r.worker) for r in whole.results(timeout=60)} == {("tiny2", farm.worker_of("tiny2"))}
+
+
+def test_farm_submit_routes_by_option_and_by_row(farm: TwoModels, tmp_path: Path) -> None:
+    from producer.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"cli row {i}", **({"model": "tiny"} if i % 2 else {})}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "out.jsonl"
+    url = farm.client.settings.redis_url
+    assert main(["submit", str(rows), "-o", str(out), "--model", "tiny2", "--max-new-tokens", "2", "--quiet",
+                 "--redis-url", url]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["model"], r["worker"]) for r in lines] == [
+        ("tiny", farm.worker_of("tiny")) if i % 2 else ("tiny2", farm.worker_of("tiny2")) for i in range(6)]
 
 
 def test_an_unknown_model_is_refused_with_the_models_served(farm: TwoModels) -> None:

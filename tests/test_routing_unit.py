@@ -84,6 +84,16 @@ def test_the_catalog_groups_workers_by_model_and_remembers_models_whose_workers_
     assert Catalog().limits(FarmSettings()).models is None  # nothing known: names are not checked
 
 
+def test_the_worker_info_metric_carries_the_model_name() -> None:
+    from prometheus_client import generate_latest
+
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.describe(beat("a@h", "demo").to_dict())
+    assert 'model_name="demo"' in generate_latest(metrics.registry).decode()
+
+
 def test_farm_up_models_become_worker_groups() -> None:
     pairs = parse_models(["demo=/m/demo", "tiny=/m/tiny"])
     specs = model_worker_specs(pairs, plan_gpus("all", 2, "h"), {"FARM_WORKER_NAME": "x", "FARM_ADAPTER": "/a"},
