@@ -80,7 +80,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     engine = make_engine(settings, loaded, MeteredSink(sink, metrics), name, render, plan.device)
     engine.start()
     install_safe_transport()  # a malformed message must not stop the worker
-    model, queues = settings.served_model_name(), model_queues(settings.served_model_name(), settings.takes_unnamed())
+    model = settings.served_model_name()
+    queues = model_queues(model, plain=settings.takes_unnamed())  # its model's; the plain ones if default
     app = make_celery(settings, queues=queues)
     identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started, queues)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
