@@ -127,8 +127,11 @@ def _run_all(args: argparse.Namespace, modes: list[str], model: str, threads: in
     rows = [_checked(run, reference) for run in runs]
     mixed_rows = _agreeing([run for run in mixed if not run.unavailable])
     from bench.report import targets
+    from protocol.settings import FarmSettings
 
-    return {"model": model, "new_tokens": args.new_tokens, "concurrency": levels, "threads": threads,
+    # the public name the farm's results carry (``model``), beside the path it was loaded from
+    return {"model": model, "model_name": FarmSettings(model=model).served_model_name(),
+            "new_tokens": args.new_tokens, "concurrency": levels, "threads": threads,
             "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "started_at": started, "seconds": round(time.time() - started, 1),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

@@ -12,7 +12,8 @@ Output layout of ``out_dir``: the model and tokenizer (``save_pretrained``), pef
 (``adapter/`` and ``adapter2/`` for the random sizes, ``adapters/<name>/`` for the demo), and
 ``farm-model.json`` (the cache marker, written last, naming the adapters).
 
-CLI: ``python -m ops.make_model DIR --size tiny|demo|bench [--force]``.
+CLI: ``python -m ops.make_model DIR --size tiny|demo|bench [--seed N] [--force]``. Another seed
+makes another model of the same random size (a second model of a farm in tests).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import random
 import sys
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def _no_progress(stage: str, fraction: float) -> None:
     """Default progress sink."""
 
 
-def _build_into(build_dir: Path, final_dir: Path, size: str, progress: Progress) -> tuple[int, dict[str, str]]:
+def _build_into(build_dir: Path, final_dir: Path, size: str, progress: Progress,
+                seed: int | None) -> tuple[int, dict[str, str]]:
     """Write the `size` build into `build_dir`; returns (parameters, served adapter name -> path)."""
     if size == "demo":
         from ops.demo_model import build_demo  # imports transformers' GGUF loader only when needed
@@ -74,44 +77,48 @@ def _build_into(build_dir: Path, final_dir: Path, size: str, progress: Progress)
         return build_demo(build_dir, final_dir, progress)
     from ops.random_model import build_random
 
-    params = build_random(build_dir, final_dir, SPECS[size], progress)
+    spec = SPECS[size] if seed is None else replace(SPECS[size], seed=seed)
+    params = build_random(build_dir, final_dir, spec, progress)
     return params, {SERVED_AS[name]: name for name in ADAPTERS}
 
 
 def build_model(
-    out_dir: str | Path, size: str = "tiny", progress: Progress | None = None, force: bool = False
+    out_dir: str | Path, size: str = "tiny", progress: Progress | None = None, force: bool = False,
+    seed: int | None = None,
 ) -> Path:
-    """Build the `size` model into `out_dir` (skipped when already current, unless `force`)."""
+    """Build the `size` model into `out_dir` (skipped when already current, unless `force`);
+    `seed` other than the size's own makes another model of a random size."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
     out_dir = Path(out_dir).resolve()
     progress = progress or _no_progress
-    if not force and is_current(out_dir, size):
+    if not force and is_current(out_dir, size, seed):
         progress("cached", 1.0)
         return out_dir
     model_cache.check_replaceable(out_dir)
     with model_cache.build_lock(out_dir):
         # Another process may have finished the same build while we waited for the lock.
-        if not force and is_current(out_dir, size):
+        if not force and is_current(out_dir, size, seed):
             progress("cached", 1.0)
             return out_dir
-        _build_and_install(out_dir, size, progress)
+        _build_and_install(out_dir, size, progress, seed)
     progress("done", 1.0)
     return out_dir
 
 
-def _build_and_install(out_dir: Path, size: str, progress: Progress) -> None:
+def _build_and_install(out_dir: Path, size: str, progress: Progress, seed: int | None = None) -> None:
     model_cache.remove_stale_builds(out_dir)
-    seed = SPECS[size].seed if size in SPECS else SEED
-    with model_cache.build_dir(out_dir) as build_dir, _deterministic(seed):
-        params, adapters = _build_into(build_dir, out_dir, size, progress)
-        model_cache.write_marker(build_dir, size, params, adapters)
+    used = seed if seed is not None else (SPECS[size].seed if size in SPECS else SEED)
+    with model_cache.build_dir(out_dir) as build_dir, _deterministic(used):
+        params, adapters = _build_into(build_dir, out_dir, size, progress, seed)
+        model_cache.write_marker(build_dir, size, params, adapters, used)
         model_cache.install(build_dir, out_dir)
 
 
-def ensure_model(out_dir: str | Path, size: str, progress: Progress | None = None) -> Path:
-    """Return `out_dir`, building it first only if missing or made by another size or version."""
-    return build_model(out_dir, size, progress, force=False)
+def ensure_model(out_dir: str | Path, size: str, progress: Progress | None = None,
+                 seed: int | None = None) -> Path:
+    """Return `out_dir`, building it first only if missing or made by another size, seed or version."""
+    return build_model(out_dir, size, progress, force=False, seed=seed)
 
 
 # ---------------------------------------------------------------- CLI
@@ -132,6 +139,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ops.make_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to build into (replaced atomically)")
     parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--seed", type=int, help="another seed makes another model of the same size")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cached build is current")
     return parser.parse_args(argv)
 
@@ -139,7 +147,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        path = build_model(args.out_dir, args.size, _stderr_progress(), force=args.force)
+        path = build_model(args.out_dir, args.size, _stderr_progress(), force=args.force, seed=args.seed)
     except OSError as exc:
         print(f"make_model: {exc}", file=sys.stderr)
         return 1

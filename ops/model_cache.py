@@ -29,18 +29,20 @@ def read_marker(out_dir: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_current(out_dir: str | Path, size: str) -> bool:
-    """True when `out_dir` holds a complete build of `size` made by this BUILD_VERSION."""
+def is_current(out_dir: str | Path, size: str, seed: int | None = None) -> bool:
+    """True when `out_dir` holds a complete build of `size` made by this BUILD_VERSION (and, when
+    given, with `seed`: another seed is another model of the same size)."""
     marker = read_marker(Path(out_dir))
-    return marker is not None and marker.get("size") == size and marker.get("version") == BUILD_VERSION
+    return (marker is not None and marker.get("size") == size and marker.get("version") == BUILD_VERSION
+            and (seed is None or marker.get("seed") == seed))
 
 
-def write_marker(build_dir: Path, size: str, params: int, adapters: dict[str, str]) -> None:
+def write_marker(build_dir: Path, size: str, params: int, adapters: dict[str, str], seed: int | None = None) -> None:
     """The marker, written last: its presence says the build is complete.
 
     `adapters` maps the request name each adapter is served under to its path inside the build.
     """
-    marker = {"size": size, "version": BUILD_VERSION, "params": params, "adapters": adapters}
+    marker = {"size": size, "version": BUILD_VERSION, "params": params, "adapters": adapters, "seed": seed}
     (build_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 

@@ -1,7 +1,8 @@
-"""``farm status``: Redis, the workers online and the queues, in one screen.
+"""``farm status``: Redis, the models served, the workers online and the queues, in one screen.
 
-Everything comes from Redis: the workers' heartbeat records (``FarmClient.heartbeats()``) and the
-queue lengths (``FarmClient.queue_depths()``). If Redis does not answer, one line says so and
+Everything comes from Redis: the workers' heartbeat records (``FarmClient.heartbeats()``), the
+models they serve (``FarmClient.models()``) and the queue lengths (``FarmClient.queue_depths()``,
+per model: a model without a live worker shows its bulk rows waiting). If Redis does not answer, one line says so and
 the exit code is 1.
 """
 
@@ -19,6 +20,8 @@ from rich.table import Table
 
 from protocol.errors import FarmUnavailable
 from protocol.heartbeat import WorkerHeartbeat
+from protocol.models import ServedModel
+from protocol.names import QUEUES, model_queue
 from protocol.settings import FarmSettings
 
 
@@ -43,7 +46,7 @@ def worker_row(w: WorkerHeartbeat, now: float) -> list[str]:
     if w.cuda_visible_devices:
         device += f" (GPU {w.cuda_visible_devices})"
     return [
-        w.name or "?", w.host or "?", device, Path(w.model_path).name or "?", w.quant, w.state,
+        w.name or "?", w.host or "?", device, w.model_name or Path(w.model_path).name or "?", w.quant, w.state,
         str(w.batches), str(w.requests), f"{w.mean_batch_size:.1f}", f"{w.tokens_per_second:.1f}",
         f"{w.running}/{w.waiting}", _seconds(w.queue_wait_seconds), _seconds(w.first_token_seconds),
         _millis(w.decode_seconds_per_token), str(w.failed), f"{w.seconds_since_beat(now):.0f}s ago",
@@ -68,13 +71,28 @@ def queues_table(depths: dict[str, int]) -> Table:
     return table
 
 
+def models_table(models: list[ServedModel], depths: dict[str, int]) -> Table:
+    """One row per model served now or with messages waiting: its workers, adapters and queues."""
+    table = Table(title=f"Models served: {len(models)}", title_justify="left")
+    for column in ("model", "workers", "adapters", *(f"{kind} waiting" for kind in QUEUES)):
+        table.add_column(column, justify="right" if column.endswith("waiting") else "left")
+    waiting = {q.partition(".")[2] for q, n in depths.items() if "." in q and n}
+    live = {m.name: m for m in models}
+    for name in sorted({*live, *waiting}):
+        model = live.get(name, ServedModel(name))
+        table.add_row(name, ", ".join(model.workers) or "none online", ", ".join(model.adapters) or "-",
+                      *(str(depths.get(model_queue(kind, name), 0)) for kind in QUEUES))
+    return table
+
+
 def snapshot(settings: FarmSettings) -> dict[str, Any]:
     """What the screen shows, as data (``--json``); raises ``FarmUnavailable`` if Redis is down."""
     from producer.client import FarmClient
 
     client = FarmClient(settings=settings)
     client.ping()
-    return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "queues": client.queue_depths()}
+    return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "models": client.models(),
+            "queues": client.queue_depths()}
 
 
 def render(state: dict[str, Any], console: Console) -> None:
@@ -82,6 +100,8 @@ def render(state: dict[str, Any], console: Console) -> None:
     console.print(workers_table(state["workers"]))
     if not state["workers"]:
         console.print("No worker online: start one with `./farm up` or `./farm worker`.")
+    if state.get("models") or any("." in q for q in state["queues"]):
+        console.print(models_table(state.get("models", []), state["queues"]))
     console.print(queues_table(state["queues"]))
 
 
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farm status: {error.message}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]]}, indent=2))
+        print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]],
+                          "models": [m.to_dict() for m in state["models"]]}, indent=2))
     else:
         render(state, Console())
     return 0

@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,7 @@ from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
 from protocol.names import heartbeat_key
 from ops.model_cache import is_current, served_adapters
 from protocol.ownership import Sweeper
-from protocol.settings import FarmSettings, default_model_path, project_root, redact_url
+from protocol.settings import FarmSettings, check_model_name, default_model_path, project_root, redact_url
 from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
 
 DEFAULT_METRICS_PORT = 9400
@@ -52,6 +52,8 @@ class UpOptions:
     data_dir: Path
     ready_timeout: float
     loglevel: str
+    models: tuple[tuple[str, str], ...] = ()
+    """``--model NAME=PATH`` pairs: one worker group per model (none: ``FARM_MODEL`` or the embedded one)."""
 
 
 class FarmUpError(Exception):
@@ -74,13 +76,33 @@ def _parser(settings: FarmSettings) -> argparse.ArgumentParser:
                    help="where a Redis started here keeps its data (DATA_DIR/redis)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the workers' models")
     p.add_argument("--loglevel", default="info")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the model at PATH (or hub id) as NAME, one worker group per model on the "
+                   "devices of --gpus (repeatable); the first is the default unless FARM_DEFAULT_MODEL says")
     return p
 
 
 def parse_options(argv: list[str] | None, settings: FarmSettings) -> UpOptions:
     a = _parser(settings).parse_args(argv)
     return UpOptions(a.gpus, a.model_size, a.host, not a.no_ui, a.ui_port, a.flower_port, a.metrics_port,
-                     a.data_dir, a.ready_timeout, a.loglevel)
+                     a.data_dir, a.ready_timeout, a.loglevel, parse_models(a.model))
+
+
+def parse_models(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--model NAME=PATH`` values as pairs; a bad or repeated name is refused in one line."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, path = (part.strip() for part in value.partition("="))
+        if not sep or not name or not path:
+            raise FarmUpError(f"--model {value!r}: give NAME=PATH (a local directory or a hub id)")
+        try:
+            check_model_name(name, "--model NAME")
+        except SettingsError as error:
+            raise FarmUpError(str(error)) from None
+        if name in pairs:
+            raise FarmUpError(f"--model {name} is given twice")
+        pairs[name] = path
+    return tuple(pairs.items())
 
 
 # ------------------------------------------------------------------ planning (pure)
@@ -106,6 +128,29 @@ def worker_specs(plans: list[WorkerPlan], env: dict[str, str], metrics_port: int
     """One pinned worker process per plan, each with its own name and metrics port, restarted when it dies."""
     return [ChildSpec(launch.name, launch.cmd, launch.env, restart=True, stop_timeout=30)
             for launch in worker_launches(plans, env, metrics_port, loglevel)]
+
+
+def model_worker_specs(models: tuple[tuple[str, str], ...], plans: list[WorkerPlan], env: dict[str, str],
+                       metrics_port: int, loglevel: str) -> list[ChildSpec]:
+    """One worker group per model (``--model NAME=PATH``) on the planned devices, its workers named
+    ``NAME-cpu@host``, ``NAME-gpu0@host``; metrics ports follow on from group to group."""
+    specs: list[ChildSpec] = []
+    base = {k: v for k, v in env.items() if k not in ("FARM_WORKER_NAME", "FARM_ADAPTER", "FARM_ADAPTERS")}
+    for index, (name, path) in enumerate(models):
+        named = [replace(plan, name=f"{name}-{plan.name}") for plan in plans]
+        port = metrics_port + index * len(plans) if metrics_port else 0
+        specs += worker_specs(named, {**base, **model_env(name, path)}, port, loglevel)
+    return specs
+
+
+def model_env(name: str, path: str) -> dict[str, str]:
+    """The settings of one model's workers. Adapters belong to a base model, so the global
+    ``FARM_ADAPTER(S)`` are not passed on; a model built by ``farm make-model`` brings its own two."""
+    env = {"FARM_MODEL": path, "FARM_MODEL_NAME": name}
+    built = Path(path).expanduser()
+    if (built / "adapter").is_dir() and (built / "adapter2").is_dir():
+        env.update(FARM_ADAPTER=str(built / "adapter"), FARM_ADAPTERS=f"second={built / 'adapter2'}")
+    return env
 
 
 def flower_spec(env: dict[str, str], host: str, port: int) -> ChildSpec:
@@ -195,7 +240,11 @@ class Farm:
         self.output.say(text)
 
     def prepare_model(self) -> None:
-        """``FARM_MODEL`` as given, or the embedded model, built on first use (with progress)."""
+        """``FARM_MODEL`` as given, or the embedded model, built on first use (with progress);
+        with ``--model``, the models given (each must exist if it is a path)."""
+        if self.opts.models:
+            self._check_model_paths()
+            return
         given = os.environ.get("FARM_MODEL")
         if given:
             if given.startswith((".", "/", "~")) and not Path(given).expanduser().exists():
@@ -212,6 +261,18 @@ class Farm:
         self.env["FARM_MODEL"] = path
         if not (self.settings.adapter or self.settings.adapters):
             self.env.update(served_adapters(path))
+
+    def _check_model_paths(self) -> None:
+        for name, path in self.opts.models:
+            if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+                raise FarmUpError(f"--model {name}={path} does not exist; build a model there with "
+                                  f"`./farm make-model {path} --size tiny` or give a hub id")
+        names = [name for name, _ in self.opts.models]
+        default = self.settings.default_model or names[0]
+        if default not in names:
+            raise FarmUpError(f"FARM_DEFAULT_MODEL={default} is none of the models given ({', '.join(names)})")
+        self.env["FARM_DEFAULT_MODEL"] = default  # every child: clients and workers agree on it
+        self.say(f"models: {', '.join(f'{n}={p}' for n, p in self.opts.models)} (default {default})")
 
     def _run_to_end(self, spec: ChildSpec) -> None:
         child = self.supervisor.start(spec)
@@ -245,7 +306,7 @@ class Farm:
         """Everything that can be refused before a minute is spent building a model."""
         check_auth(self.opts.host, self.settings.flower_auth)
         self.plans = plan_gpus(self.opts.gpus, count_gpus() if self.opts.gpus != "none" else 0)
-        self.workers = worker_specs(self.plans, self.env, self.opts.metrics_port, self.opts.loglevel)
+        self.workers = self._worker_specs()
         ports = [("Flower", self.opts.host, self.opts.flower_port, "--flower-port")]
         if self.opts.ui:
             ports.append(("UI", self.opts.host, self.opts.ui_port, "--ui-port"))
@@ -256,7 +317,7 @@ class Farm:
     def start_services(self) -> bool:
         """Workers, Flower and (if present and wanted) the UI; returns whether the UI started."""
         self.env["FARM_REDIS_URL"] = self.settings.redis_url
-        self.workers = worker_specs(self.plans, self.env, self.opts.metrics_port, self.opts.loglevel)
+        self.workers = self._worker_specs()
         for spec in self.workers:
             self.supervisor.start(spec)
         self.supervisor.start(flower_spec(self.env, self.opts.host, self.opts.flower_port))
@@ -272,6 +333,12 @@ class Farm:
             self.say(f"API not started: {self.opts.host} is beyond loopback and FARM_API_KEYS is unset")
         return ui is not None
 
+    def _worker_specs(self) -> list[ChildSpec]:
+        if self.opts.models:
+            return model_worker_specs(self.opts.models, self.plans, self.env, self.opts.metrics_port,
+                                      self.opts.loglevel)
+        return worker_specs(self.plans, self.env, self.opts.metrics_port, self.opts.loglevel)
+
     def wait_ready(self) -> bool:
         """Until every worker's heartbeat says its model is loaded (or a stop is asked)."""
         client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
@@ -280,7 +347,7 @@ class Farm:
             self.supervisor.poll()
             records = self._ready_records(client)
             if records is not None:
-                models = sorted({r.model_path for r in records})
+                models = sorted({f"{r.model_name} ({r.model_path})" for r in records})
                 self.say(f"ready: {len(records)} worker(s) serving {', '.join(models)}; Ctrl-C stops the farm")
                 return True
             if time.monotonic() > deadline:

@@ -64,6 +64,8 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int)
     group.add_argument("--seed", type=int)
     group.add_argument("--adapter", help="LoRA adapter name ('base' for none)")
+    group.add_argument("--model", help="the model to run on, by its public name (or model:adapter); "
+                       "default FARM_DEFAULT_MODEL, else the only model served")
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", default=None)
     parser.add_argument("--redis-url", help="the farm's Redis (default: FARM_REDIS_URL)")
@@ -71,7 +73,7 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
 
 def request_params(args: argparse.Namespace) -> dict[str, Any]:
     """The generation parameters given on the command line (unset ones left out)."""
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter", "stop", "ignore_eos")
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "adapter", "stop", "ignore_eos", "model")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

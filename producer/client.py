@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.celery_app import celery_queue
 from protocol.errors import RequestError
 from protocol.heartbeat import WorkerHeartbeat, read_heartbeats
-from protocol.names import GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES, submitted_key
+from protocol.models import Catalog, ServedModel, served_models
+from protocol.names import (GENERATE_TASK, HEARTBEAT_PATTERN, INTERACTIVE_QUEUE, QUEUES, model_queue, models_key,
+                            submitted_key)
 from protocol.schema import GenerationRequest, GenerationResult, Limits
 from protocol.settings import FarmSettings
 
@@ -55,27 +58,31 @@ class FarmClient:
 
     # --- submitting ---------------------------------------------------------------------------
     def validate(self, prompt: str | None = None, **params: Any) -> GenerationRequest:
-        """The request as the worker will see it; raises ``RequestError`` naming the field."""
-        data = {**params, "prompt": prompt} if prompt is not None else dict(params)
-        return GenerationRequest.from_dict(data, self.limits())
+        """The request as the worker will see it; raises ``RequestError`` naming the field (an
+        unknown ``model`` with the list of those served)."""
+        return _request(prompt, params, self.limits())
 
     def submit(self, prompt: str | None = None, *, queue: str = INTERACTIVE_QUEUE,
                request_id: str | None = None, **params: Any) -> RequestHandle:
-        """Validate and enqueue one request; returns at once with a handle to follow it."""
-        request = self.validate(prompt, **params)
+        """Validate and enqueue one request; returns at once with a handle to follow it. An
+        interactive request for a model no live worker serves raises ``NoWorkerError``."""
+        catalog = self.catalog()
+        request = _request(prompt, params, catalog.limits(self.settings))
+        catalog.check_served(request, queue)
         return self.send(request, queue=queue, request_id=request_id)
 
     def send(self, request: GenerationRequest, *, queue: str = INTERACTIVE_QUEUE,
              request_id: str | None = None, extra_meta: dict[str, Any] | None = None) -> RequestHandle:
-        """Enqueue an already validated request."""
+        """Enqueue an already validated request on ``queue`` (a kind) of its model."""
         if queue not in QUEUES:
             raise RequestError.for_field("queue", f"must be one of {', '.join(QUEUES)}")
         request_id = request_id or uuid.uuid4().hex
         meta = {"submitted_at": time.time(), **(extra_meta or {})}
+        target = model_queue(queue, request.model)
         with self._reachable():
             self.redis.set(submitted_key(request_id), json.dumps(meta), ex=self.settings.result_expires)
             self.app.send_task(GENERATE_TASK, kwargs={"request": request.to_dict(), "meta": meta},
-                               task_id=request_id, queue=queue, routing_key=queue)
+                               task_id=request_id, queue=celery_queue(target), routing_key=target)
         return RequestHandle(self, request_id)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
@@ -91,9 +98,11 @@ class FarmClient:
     def submit_job(self, prompts: Iterable[Any], job_id: str | None = None, *, total: int | None = None,
                    window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
         """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
-        the ``bulk`` queue, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
+        the ``bulk`` queues, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
         ``<job_id>:<i>``. Resubmitting a job id with the same prompts sends only the rows never sent;
-        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``."""
+        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``.
+        ``model=`` (or a row's own ``model``) routes rows to that model's queue; one job may mix
+        models, and rows of a model whose workers are all down wait in its queue."""
         return Job.submit(self.connection, self.limits(), prompts, job_id, total=total, window=window,
                           fingerprint=fingerprint, **params)
 
@@ -103,11 +112,22 @@ class FarmClient:
 
     # --- the farm's state ---------------------------------------------------------------------
     def limits(self) -> Limits:
-        """Request limits; adapters are those the online workers offer (unknown if none)."""
-        adapters: set[str] = set()
-        for worker in self.heartbeats():
-            adapters.update(worker.adapters)
-        return Limits.from_settings(self.settings, sorted(adapters) if adapters else None)
+        """Request limits; adapters are those the online workers offer (unknown if none), models
+        those served now or lately, each with its adapters (unknown if none)."""
+        return self.catalog().limits(self.settings)
+
+    def models(self) -> list[ServedModel]:
+        """The models served now (by at least one live worker), each with its adapters, workers
+        and queues; ``ServedModel.ids()`` lists ``model`` values such as ``demo:pirate`` too."""
+        return served_models(self.heartbeats())
+
+    def catalog(self) -> Catalog:
+        """What routing reads: the live workers and the models served now or lately."""
+        with self._reachable():
+            raw = self.redis.hvals(models_key())
+        oldest = time.time() - self.settings.result_expires
+        records = [m for m in map(ServedModel.parse, raw) if m is not None and m.last_seen >= oldest]
+        return Catalog(tuple(self.heartbeats()), tuple(records))
 
     def workers(self) -> list[dict[str, Any]]:
         """Heartbeat records of the workers online, in their json form (``heartbeats()`` typed)."""
@@ -121,12 +141,15 @@ class FarmClient:
         return read_heartbeats(values)
 
     def queue_depths(self) -> dict[str, int]:
-        """Messages waiting in each queue (not yet reserved by a worker)."""
+        """Messages waiting in each queue (not yet reserved by a worker): the plain ``interactive``
+        and ``bulk`` (requests that name no model), then ``interactive.<model>``, ``bulk.<model>``
+        of each model served now or lately."""
+        queues = [*QUEUES, *(model_queue(kind, m) for m in sorted(self.catalog().known()) for kind in QUEUES)]
         with self._reachable():
             pipe = self.redis.pipeline(transaction=False)
-            for queue in QUEUES:
+            for queue in queues:
                 pipe.llen(queue)
-            return dict(zip(QUEUES, (int(n) for n in pipe.execute()), strict=True))
+            return dict(zip(queues, (int(n) for n in pipe.execute()), strict=True))
 
     def ping(self) -> None:
         """Raise ``FarmUnavailable`` (with the URL and what to start) if Redis does not answer."""
@@ -147,6 +170,11 @@ class FarmClient:
 
     def _reachable(self) -> Reachable:
         return self.connection.reachable()
+
+
+def _request(prompt: str | None, params: dict[str, Any], limits: Limits) -> GenerationRequest:
+    data = {**params, "prompt": prompt} if prompt is not None else dict(params)
+    return GenerationRequest.from_dict(data, limits)
 
 
 class RequestHandle:

@@ -28,7 +28,7 @@ FORMATS = ("auto", "jsonl", "csv", "text")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
 INT_FIELDS = ("max_new_tokens", "top_k", "seed")
 FLOAT_FIELDS = ("temperature", "top_p")
-TEXT_FIELDS = ("adapter", "stop")
+TEXT_FIELDS = ("adapter", "stop", "model")
 BOOL_FIELDS = ("ignore_eos",)
 CSV_PARAMS = INT_FIELDS + FLOAT_FIELDS + TEXT_FIELDS + BOOL_FIELDS
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from celery import Celery
 from kombu import Queue
 
@@ -10,15 +12,22 @@ from protocol.results import BACKEND as FIRST_RESULT_BACKEND
 from protocol.settings import FarmSettings
 
 
-def make_celery(settings: FarmSettings, name: str = "batchfarm") -> Celery:
-    """A Celery app configured for the farm's contract (json only, late acks, two queues)."""
+def make_celery(settings: FarmSettings, name: str = "batchfarm", queues: Iterable[str] = ()) -> Celery:
+    """A Celery app configured for the farm's contract (json only, late acks, the plain queues
+    and ``queues``: a worker's model queues, which it must declare to consume them)."""
     app = Celery(name, broker=settings.redis_url, backend=f"{FIRST_RESULT_BACKEND}+{settings.redis_url}",
                  set_as_current=False)
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings, queues))
     return app
 
 
-def celery_config(settings: FarmSettings) -> dict[str, object]:
+def celery_queue(name: str) -> Queue:
+    """A queue to send to by object: per-model queues are not all declared in a client's app,
+    and Celery looks a queue given by name up among those (``task_create_missing_queues`` off)."""
+    return Queue(name, routing_key=name)
+
+
+def celery_config(settings: FarmSettings, queues: Iterable[str] = ()) -> dict[str, object]:
     """Celery settings; each is part of the farm's safety contract (docs/DESIGN.md, "Celery settings")."""
     transport = {
         # Above the longest batch, so a slow batch is not redelivered while it still runs.
@@ -64,7 +73,7 @@ def celery_config(settings: FarmSettings) -> dict[str, object]:
         # Events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
+        "task_queues": [celery_queue(q) for q in dict.fromkeys((*QUEUES, *queues))],
         "task_default_queue": INTERACTIVE_QUEUE,
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,

@@ -11,6 +11,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     PROMPT_TOO_LONG = "prompt_too_long"
     UNKNOWN_ADAPTER = "unknown_adapter"
+    UNKNOWN_MODEL = "unknown_model"
     GENERATION_FAILED = "generation_failed"
     OUT_OF_MEMORY = "out_of_memory"
     CANCELLED = "cancelled"
@@ -60,6 +61,18 @@ class FarmUnavailable(FarmError):
     """Redis is unreachable or no worker serves the farm."""
 
     default_code = ErrorCode.REDIS_UNREACHABLE
+
+
+class NoWorkerError(FarmUnavailable):
+    """No live worker serves the model an interactive request names (an HTTP API's 503): the
+    request was not enqueued. Bulk rows are not refused so: they wait in their model's queue."""
+
+    default_code = ErrorCode.NO_WORKER
+
+    @classmethod
+    def for_model(cls, model: str, served: list[str]) -> NoWorkerError:
+        others = f"; models served now: {', '.join(served)}" if served else "; no worker is online"
+        return cls(ErrorCode.NO_WORKER, f"no worker serves model {model}{others}")
 
 
 class SettingsError(ValueError):

@@ -85,7 +85,9 @@ class WorkerHeartbeat:
     device: str = ""
     cuda_visible_devices: str = ""
     model_name: str = ""
-    """Public name (``/v1/models``, routing): a hub id, or a local model directory's name."""
+    """Public name (``/v1/models``, routing): ``FarmSettings.served_model_name()`` of the worker
+    (``FARM_MODEL_NAME``, else the last part of ``FARM_MODEL``); derived by ``public_model_name``
+    for records from before version 1."""
     model_path: str = ""
     """What ``FARM_MODEL`` named: a hub id or a path on the worker's host."""
     quant: str = "none"

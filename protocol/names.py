@@ -10,8 +10,36 @@ INTERACTIVE_QUEUE = "interactive"
 BULK_QUEUE = "bulk"
 """Rows of bulk jobs."""
 QUEUES = (INTERACTIVE_QUEUE, BULK_QUEUE)
+"""The kinds of queue, in priority order. Alone, each is the queue of requests that name no
+model (a farm of one model, or the workers of ``FARM_DEFAULT_MODEL``); ``kind.<model>`` is the
+queue of one model's requests."""
 PRIORITY = {INTERACTIVE_QUEUE: 0, BULK_QUEUE: 1}
 """Lower is served first (the engine's order among waiting requests)."""
+
+
+def model_queue(kind: str, model: str | None) -> str:
+    """The queue of ``kind`` for requests of ``model``: ``interactive.demo``; the plain kind when
+    no model is named."""
+    return f"{kind}.{model}" if model else kind
+
+
+def model_queues(model: str, plain: bool = False) -> tuple[str, ...]:
+    """The queues a worker of ``model`` consumes, in priority order; ``plain`` adds the queues of
+    requests that name no model (it serves the farm's default model)."""
+    queues: list[str] = []
+    for kind in QUEUES:
+        queues += [model_queue(kind, model), kind] if plain else [model_queue(kind, model)]
+    return tuple(queues)
+
+
+def queue_kind(queue: str) -> str:
+    """``interactive.demo`` -> ``interactive``."""
+    return queue.partition(".")[0]
+
+
+def queue_priority(queue: str) -> int:
+    """The engine's priority of a message that came from ``queue`` (interactive first)."""
+    return PRIORITY.get(queue_kind(queue), 0)
 
 PREFIX = "farm:"
 
@@ -37,6 +65,14 @@ def heartbeat_key(worker: str) -> str:
 
 
 HEARTBEAT_PATTERN = f"{PREFIX}worker:*"
+
+
+def models_key() -> str:
+    """Hash of the models served now or lately: name -> json record (adapters, queues, when last
+    seen), refreshed by the workers' heartbeats and expiring ``FARM_RESULT_EXPIRES`` after the last.
+    A model whose workers restart is still known, so its bulk rows wait in its queue, while a
+    name never served is refused. One hash, read in one round trip (no scan)."""
+    return f"{PREFIX}models"
 
 
 def executions_key() -> str:

@@ -7,12 +7,13 @@ without passing through a client.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
 from typing import Any
 
 from protocol.errors import ErrorCode, FarmError, RequestError
-from protocol.settings import FarmSettings
+from protocol.settings import MODEL_NAME_PATTERN, FarmSettings
 
 FINISH_REASONS = ("length", "stop", "cancelled", "error")
 MAX_STOP_SEQUENCES = 4
@@ -35,12 +36,25 @@ class Limits:
     """Adapter names on offer; ``None`` when unknown (the worker checks again)."""
     max_temperature: float = MAX_TEMPERATURE
     """The highest temperature a request may ask for (forms take their slider's end from it)."""
+    models: Mapping[str, tuple[str, ...]] | None = None
+    """Models a request may name, each with the adapters it offers; ``None`` when unknown."""
+    default_model: str | None = None
+    """The model of a request that names none; ``None``: it names none (the plain queues)."""
 
     @classmethod
-    def from_settings(cls, settings: FarmSettings, adapters: list[str] | None = None) -> Limits:
+    def from_settings(cls, settings: FarmSettings, adapters: list[str] | None = None,
+                      models: Mapping[str, tuple[str, ...]] | None = None,
+                      default_model: str | None = None) -> Limits:
         return cls(settings.max_prompt_chars, settings.max_new_tokens,
                    min(settings.default_new_tokens, settings.max_new_tokens),
-                   tuple(adapters) if adapters is not None else None)
+                   tuple(adapters) if adapters is not None else None, models=models,
+                   default_model=default_model)
+
+    def adapters_of(self, model: str | None) -> tuple[str, ...] | None:
+        """The adapters a request for ``model`` may name (unknown: ``None``)."""
+        if model is not None and self.models is not None and model in self.models:
+            return self.models[model]
+        return self.adapters
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     adapter: str | None = None
     ignore_eos: bool = False
+    model: str | None = None
+    """The model's public name; ``model:adapter`` (as vLLM lists adapters) names an adapter too."""
 
     @classmethod
     def from_dict(cls, data: Any, limits: Limits) -> GenerationRequest:
@@ -68,6 +84,7 @@ class GenerationRequest:
             raise RequestError.for_field(
                 unknown[0], f"unknown parameter (known: {', '.join(sorted(_FIELDS))})")
         prompt, messages = _check_input(data, limits)
+        model, named_adapter = _model(data, limits)
         return cls(
             prompt=prompt,
             messages=messages,
@@ -78,8 +95,9 @@ class GenerationRequest:
             top_k=_int(data, "top_k", 0, MAX_TOP_K, 0),
             seed=_seed(data),
             stop=_stop(data),
-            adapter=_adapter(data, limits),
+            adapter=_adapter(data, limits.adapters_of(model), named_adapter),
             ignore_eos=_bool(data, "ignore_eos", False),
+            model=model,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +134,8 @@ class GenerationResult:
     adapter: str | None = None
     error: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    """The public name of the model that served the request."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,20 +251,57 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _adapter(data: dict[str, Any], limits: Limits) -> str | None:
+def _model(data: dict[str, Any], limits: Limits) -> tuple[str | None, str | None]:
+    """The model a request is for, and the adapter named in ``model:adapter`` (if any)."""
+    value = data.get("model")
+    if value is None:
+        return _default_model(limits), None
+    if not isinstance(value, str) or not value:
+        raise RequestError.for_field("model", "must be a non-empty string")
+    name, sep, adapter = value.partition(":")
+    if not MODEL_NAME_PATTERN.fullmatch(name) or (sep and not adapter):
+        raise RequestError.for_field("model", f"{value!r} is not a model name (or model:adapter)")
+    if limits.models is not None and name not in limits.models:
+        raise RequestError.for_field("model", f"unknown model {name!r} (served: {_names(limits.models)})",
+                                     ErrorCode.UNKNOWN_MODEL)
+    return name, adapter or None
+
+
+def _default_model(limits: Limits) -> str | None:
+    models, default = limits.models, limits.default_model
+    if default is not None and models is not None and default not in models:
+        raise RequestError.for_field("model", f"the default model {default!r} (FARM_DEFAULT_MODEL) is not "
+                                     f"served (served: {_names(models)})", ErrorCode.UNKNOWN_MODEL)
+    if default is None and models is not None and len(models) > 1:
+        raise RequestError.for_field("model", f"several models are served ({_names(models)}): name one, "
+                                     "or set FARM_DEFAULT_MODEL")
+    return default
+
+
+def _names(models: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(models)) or "none"
+
+
+def _adapter(data: dict[str, Any], offered: tuple[str, ...] | None, named: str | None) -> str | None:
     value = data.get("adapter")
+    if named is not None and value is not None and value != named:
+        raise RequestError.for_field("adapter", f"{value!r} is not the adapter {named!r} named in model")
+    value = named if named is not None else value
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise RequestError.for_field("adapter", "must be a non-empty string")
-    if limits.adapters is not None and value not in limits.adapters:
+    if offered is not None and value not in offered:
         raise RequestError.for_field(
-            "adapter", f"unknown adapter {value!r} (offered: {', '.join(limits.adapters)})",
+            "adapter", f"unknown adapter {value!r} (offered: {', '.join(offered)})",
             ErrorCode.UNKNOWN_ADAPTER)
     return value
 
 
-NAMED_CHECKS: dict[str, Callable[[dict[str, Any], Limits], Any]] = {"adapter": _adapter}
+NAMED_CHECKS: dict[str, Callable[[dict[str, Any], Limits], Any]] = {
+    "adapter": lambda data, limits: _adapter(data, limits.adapters_of(None), None),
+    "model": _model,
+}
 """Request fields that name a resource the workers offer (their heartbeat, in ``Limits``), with
 their checks: a prompt file read before the farm is reached is checked for these again once it
 is (``producer.files.check_named``). Model routing adds ``"model"`` here."""

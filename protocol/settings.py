@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ BASE_ADAPTER = "base"
 """Adapter name that asks for the base model without any LoRA adapter."""
 DEFAULT_ADAPTER = "default"
 """Name under which ``FARM_ADAPTER`` is loaded."""
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A model's public name: it is part of its queues' names (``interactive.<name>``); ``:`` is
+kept for ``model:adapter`` and ``/`` left out (the last part of a hub id is the default)."""
 
 
 def project_root() -> Path:
@@ -48,6 +52,12 @@ class FarmSettings:
     """Seconds to open a connection to Redis."""
     model: str = field(default_factory=default_model_path)
     """A hub name or a local path of a causal LM."""
+    model_name: str = ""
+    """The model's public name, which requests give in ``model`` and which names its queues;
+    empty: the last part of ``FARM_MODEL``'s path or hub id (``served_model_name()``)."""
+    default_model: str = ""
+    """The model of requests that name none; empty: the only model served. In a farm of several
+    models set it on every process: only this model's workers take requests that name no model."""
     adapter: str = ""
     """Optional peft LoRA adapter (name or path) loaded as adapter ``default``."""
     adapters: str = ""
@@ -160,6 +170,19 @@ class FarmSettings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"FARM_{name.upper()} must be at least 1")
         self.adapter_paths()
+        for setting, name in (("FARM_MODEL_NAME", self.model_name), ("FARM_DEFAULT_MODEL", self.default_model)):
+            if name:
+                check_model_name(name, setting)
+
+    def served_model_name(self) -> str:
+        """The public name of the model a worker serves (``FARM_MODEL_NAME``, else the last part
+        of ``FARM_MODEL``): the one definition, read by the heartbeat, the queues and the results."""
+        name = self.model_name or (self.model.rstrip("/").rsplit("/", 1)[-1] or self.model)
+        return check_model_name(name, "FARM_MODEL_NAME (default: the last part of FARM_MODEL)")
+
+    def takes_unnamed(self) -> bool:
+        """Whether this worker also takes requests that name no model (it serves the default)."""
+        return not self.default_model or self.default_model == self.served_model_name()
 
     def adapter_paths(self) -> dict[str, str]:
         """Adapters the worker loads, by request name (``default`` is ``FARM_ADAPTER``)."""
@@ -192,6 +215,13 @@ def redact_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user, colon, _password = creds.partition(":")
     return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
+def check_model_name(name: str, setting: str) -> str:
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        raise SettingsError(f"{setting}={name!r} is not a model name (letters, digits, '.', '_', '-'; "
+                            "at most 64 characters, no ':' or '/')")
+    return name
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

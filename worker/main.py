@@ -15,7 +15,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from protocol.celery_app import make_celery
 from protocol.heartbeat import WorkerHeartbeat
-from protocol.names import QUEUES
+from protocol.names import model_queues
 from protocol.ownership import Liveness
 from protocol.ownership import transport_options as owner_options
 from protocol.schema import GenerationRequest, Limits
@@ -83,21 +83,29 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
                          plan.device)
     engine.start()
     install_safe_transport()  # a malformed message must not stop the worker
-    app = make_celery(settings)
+    model = settings.served_model_name()
+    queues = model_queues(model, plain=settings.takes_unnamed())  # its model's; the plain ones if default
+    app = make_celery(settings, queues=queues)
     liveness = Liveness(client, name, settings.heartbeat_seconds).start()  # owns what this process pops
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness.owner)}
-    identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started)
+    identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started, queues)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)
-    register_generate(app, engine, lambda: Limits.from_settings(settings, adapters.names()),
-                      sinks.counter.note_redelivery)
+    register_generate(app, engine, lambda: _limits(settings, model, adapters.names()),
+                      sinks.counter.note_redelivery, model)
     _start_metrics(metrics, engine, settings, identity)
-    heartbeat = Heartbeat(client, engine, identity, settings.heartbeat_seconds, adapters.names, metrics.summary)
+    heartbeat = Heartbeat(client, engine, identity, settings.heartbeat_seconds, adapters.names, metrics.summary,
+                          known_for=settings.result_expires)
     _connect_lifecycle(heartbeat, engine)
-    log.info("model loaded in %.1fs; worker %s taking work from %s", identity.load_seconds, name,
-             settings.redacted_redis_url())
-    app.worker_main(_celery_argv(settings, name, loglevel))
+    log.info("model %s loaded in %.1fs; worker %s taking work from %s (queues %s)", model, identity.load_seconds,
+             name, settings.redacted_redis_url(), ",".join(queues))
+    app.worker_main(_celery_argv(settings, name, loglevel, queues))
     return 0
+
+
+def _limits(settings: FarmSettings, model: str, adapters: list[str]) -> Limits:
+    """This worker's limits: its one model (the model of a request that names none) and adapters."""
+    return Limits.from_settings(settings, adapters, {model: tuple(adapters)}, model)
 
 
 def _start_metrics(metrics: WorkerMetrics, engine: Any, settings: FarmSettings, identity: WorkerHeartbeat) -> None:
@@ -122,9 +130,10 @@ def _connect_lifecycle(heartbeat: Any, engine: Any) -> None:
         engine.stop()
 
 
-def _celery_argv(settings: FarmSettings, name: str, loglevel: str) -> list[str]:
+def _celery_argv(settings: FarmSettings, name: str, loglevel: str, queues: tuple[str, ...]) -> list[str]:
     # threads pool: one process per device, the model loaded once, no fork after torch work.
-    return ["worker", "--pool=threads", f"--concurrency={settings.max_inflight}", "-Q", ",".join(QUEUES),
+    # Queues in priority order (queue_order_strategy): the model's interactive ones first.
+    return ["worker", "--pool=threads", f"--concurrency={settings.max_inflight}", "-Q", ",".join(queues),
             "-n", name, f"--loglevel={loglevel}", "-E", "--without-gossip"]
 
 

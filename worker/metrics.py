@@ -71,7 +71,7 @@ class WorkerMetrics:
 
     def describe(self, info: dict[str, Any]) -> None:
         """Model and device of this worker, as labels of ``farm_worker_info``."""
-        keys = ("name", "device", "cuda_visible_devices", "model", "quant", "strategy", "host")
+        keys = ("name", "device", "cuda_visible_devices", "model", "model_name", "quant", "strategy", "host")
         self.info.info({k: str(info.get(k, "")) for k in keys})
 
     def watch_engine(self, engine: Engine) -> None:

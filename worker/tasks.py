@@ -9,16 +9,17 @@ from typing import Any
 from celery import Celery, Task
 
 from protocol.errors import FarmError, RequestError
-from protocol.names import GENERATE_TASK, PRIORITY
+from protocol.names import GENERATE_TASK, queue_priority
 from protocol.schema import GenerationRequest, Limits
 from worker.engine import Engine
 
 
 def register_generate(app: Celery, engine: Engine, limits: Limits | Callable[[], Limits],
-                      on_redelivered: Callable[[str], None] | None = None) -> Task:
+                      on_redelivered: Callable[[str], None] | None = None, model: str = "") -> Task:
     """Bind the task to this process's engine (one engine per worker process); ``limits`` may be
     a function, read per request (adapters can be loaded while the worker runs);
-    ``on_redelivered`` hears of messages that came back (a worker died holding them)."""
+    ``on_redelivered`` hears of messages that came back (a worker died holding them); ``model``
+    is the public name of the model served, which each result carries."""
 
     @app.task(name=GENERATE_TASK, bind=True, throws=(FarmError,))
     def generate(self: Task, request: Any = None, meta: Any = None) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def register_generate(app: Celery, engine: Engine, limits: Limits | Callable[[],
         result = engine.submit(task_id, req, _submitted_at(meta), _priority(self)).result()
         if result.finish_reason == "error" and result.error:
             raise _error_type(result.error["code"])(result.error["code"], result.error["message"])
-        return result.to_dict()
+        return {**result.to_dict(), "model": model}
 
     return generate
 
@@ -52,8 +53,9 @@ def _submitted_at(meta: dict[str, Any]) -> float:
 
 def _priority(task: Task) -> int:
     routing = (task.request.delivery_info or {}).get("routing_key", "")
-    return PRIORITY.get(str(routing), 0)
+    return queue_priority(str(routing))
 
 
 def _error_type(code: str) -> type[FarmError]:
-    return RequestError if code in {"invalid_request", "prompt_too_long", "unknown_adapter"} else FarmError
+    return RequestError if code in {"invalid_request", "prompt_too_long", "unknown_adapter",
+                                        "unknown_model"} else FarmError

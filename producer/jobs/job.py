@@ -12,6 +12,7 @@ again after a fault, never go missing, and each has one result.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -282,6 +283,8 @@ def _check_params(params: dict[str, Any], limits: Limits) -> None:
     for name in ("prompt", "messages"):
         if name in params:
             raise RequestError.for_field(name, "give prompts as the rows of the job, not as a job parameter")
+    if "model" not in params:  # the rows may name their models: each row is checked when sent
+        limits = dataclasses.replace(limits, models=None, default_model=None)
     GenerationRequest.from_dict({**params, "prompt": "x"}, limits)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from celery import Celery
 
 from protocol.errors import FarmError, FarmUnavailable, RequestError
-from protocol.names import BULK_QUEUE, GENERATE_TASK
+from protocol.celery_app import celery_queue
+from protocol.names import BULK_QUEUE, GENERATE_TASK, model_queue
 from protocol.schema import GenerationRequest, GenerationResult, Limits
 
 from producer.connection import FarmConnection, as_text
@@ -287,8 +288,9 @@ class Sender:
         meta = {"submitted_at": now, "job": self.store.job_id, "index": index}
         if self._app is None:
             self._app = self.connection.sender_app()
+        queue = model_queue(BULK_QUEUE, request.get("model"))  # rows of one job may be for several models
         self._app.send_task(GENERATE_TASK, kwargs={"request": request, "meta": meta}, task_id=task_id,
-                            queue=BULK_QUEUE, routing_key=BULK_QUEUE)
+                            queue=celery_queue(queue), routing_key=queue)
 
     # --- observing ----------------------------------------------------------------------------
     def observe(self) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.client import Pipeline
 
-from protocol.names import BULK_QUEUE, JobKeys, stream_key, submitted_key
+from protocol.names import BULK_QUEUE, JobKeys, model_queue, stream_key, submitted_key
 from protocol.schema import GenerationResult
 
 from producer.connection import FarmConnection, as_text
@@ -125,7 +125,7 @@ class JobStore:
             rows = sorted(int(i) for i in self.connection.redis.smembers(self.keys.sending))
             if not rows:
                 return []
-            queued = self._in_broker()
+            queued = self._in_broker(rows)
             pipe = self.pipeline()
             for index in rows:
                 pipe.exists(self.connection.result_key(self.task_id(index)), stream_key(self.task_id(index)))
@@ -146,11 +146,20 @@ class JobStore:
         its result is stored, so a row between the two reads is never taken for lost."""
         if not rows:
             return []
-        queued = self._in_broker()
+        queued = self._in_broker(rows)
         return [i for i, result in self.results(rows) if result is None and self.task_id(i) not in queued]
 
-    def _in_broker(self) -> set[str]:
-        return self.connection.broker_task_ids(BULK_QUEUE, f"{self.job_id}:")
+    def _in_broker(self, rows: list[int]) -> set[str]:
+        """Ids of this job's messages queued or reserved, over the bulk queues of ``rows``' models."""
+        queued: set[str] = set()
+        for queue in self._queues(rows):
+            queued |= self.connection.broker_task_ids(queue, f"{self.job_id}:")
+        return queued
+
+    def _queues(self, rows: list[int]) -> set[str]:
+        """The bulk queues of these rows' models (their requests were stored before sending)."""
+        raws = self.connection.redis.hmget(self.keys.rows, [str(i) for i in rows])
+        return {model_queue(BULK_QUEUE, json.loads(raw).get("model")) for raw in raws if raw} or {BULK_QUEUE}
 
     # --- results ----------------------------------------------------------------------------
     def results(self, rows: list[int]) -> list[tuple[int, GenerationResult | None]]:
