@@ -66,10 +66,11 @@ class Farm:
         return fresh
 
     async def queue_depth(self) -> int:
-        """Messages waiting in the interactive queue (cached for ``DEPTH_TTL``)."""
+        """Messages waiting in the interactive queues, every model's (cached for ``DEPTH_TTL``)."""
         at, depth = self._depth
         if time.monotonic() - at >= DEPTH_TTL:
-            depth = (await _blocking(self.client.queue_depths))[INTERACTIVE_QUEUE]
+            depths = await _blocking(self.client.queue_depths)
+            depth = sum(n for queue, n in depths.items() if queue.split(".")[0] == INTERACTIVE_QUEUE)
             self._depth = (time.monotonic(), depth)
         return depth
 
@@ -135,12 +136,12 @@ class Farm:
         return [i for i, found in zip(waiting, stored, strict=True) if found]
 
 def served_models(workers: list[dict[str, Any]]) -> dict[str, str | None]:
-    """Model ids the workers serve, each with the adapter a request for it asks for: the model
-    (the last part of its path, until model routing names models) with the farm's default
-    adapter, and ``model:adapter`` for each adapter the workers offer."""
+    """Model ids the workers serve, each with the adapter a request for it asks for: the model's
+    public name (``FARM_MODEL_NAME``, the routing name; else the last part of its path, for an
+    older worker) with the farm's default adapter, and ``model:adapter`` for each adapter."""
     served: dict[str, str | None] = {}
     for worker in workers:
-        model = model_id(str(worker.get("model", "")))
+        model = str(worker.get("model_name") or model_id(str(worker.get("model", ""))))
         served.setdefault(model, None)
         for adapter in worker.get("adapters", []):
             served.setdefault(f"{model}{ADAPTER_SEPARATOR}{adapter}", str(adapter))

@@ -13,7 +13,7 @@ import anyio
 from starlette.requests import Request
 
 from api.errors import ApiError, from_farm, from_result_error
-from api.farm import Farm, served_models
+from api.farm import ADAPTER_SEPARATOR, Farm, served_models
 from api.keys import KeyLimits, Lease
 from api.metrics import Observation
 from api.responses import DONE, Reply, finish_reason, sse
@@ -47,7 +47,9 @@ class Service:
         obs.model = call.model
         limits = self.farm.limits(workers)
         try:
-            requests = [GenerationRequest.from_dict(d, limits) for d in call.farm_requests(served[call.model])]
+            base = call.model.split(ADAPTER_SEPARATOR)[0]  # routing names the model, the adapter apart
+            rows = call.farm_requests(served[call.model], base)
+            requests = [GenerationRequest.from_dict(d, limits) for d in rows]
         except RequestError as error:
             raise from_farm(error, call.rename) from None
         await self._check_queue()

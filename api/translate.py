@@ -50,9 +50,10 @@ class ApiCall:
     rename: dict[str, str] = field(default_factory=dict)
     """Farm field names to this request's names, for error messages."""
 
-    def farm_requests(self, adapter: str | None) -> list[dict[str, Any]]:
+    def farm_requests(self, adapter: str | None, model: str | None = None) -> list[dict[str, Any]]:
         """One request dict per choice, in choice-index order (prompt-major, as OpenAI numbers
-        them). A ``seed`` gives choice ``j`` seed ``seed + j``: reproducible, yet distinct."""
+        them), routed to ``model`` (its public name, without the adapter). A ``seed`` gives
+        choice ``j`` seed ``seed + j``: reproducible, yet distinct."""
         out = []
         for item in self.inputs:
             for j in range(self.n):
@@ -61,6 +62,8 @@ class ApiCall:
                     data["seed"] = data["seed"] + j
                 if adapter is not None:
                     data["adapter"] = adapter
+                if model is not None:
+                    data["model"] = model
                 out.append(data)
         return out
 
