@@ -294,8 +294,7 @@ class Sender:
             self.store.state(pipeline=pipe)
             if self.lease.held:
                 self.lease.refresh(pipe)
-            self.store.record([(i, outcome(r), r.completion_tokens) for i, r in finished], time.time(),
-                              pipeline=pipe)
+            self.store.record([(i, outcome(r), r.completion_tokens) for i, r in finished], pipeline=pipe)
             replies = pipe.execute()
         if self.lease.held:
             self.lease.keep(replies[1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -169,13 +169,15 @@ class JobStore:
             found += [(i, self.connection.decode_result(t, raw)) for i, t, raw in zip(part, ids, raws, strict=True)]
         return found
 
-    def record(self, finished: list[tuple[int, int, int]], now: float, pipeline: Pipeline | None = None) -> None:
-        """Outcomes ``(index, OK|FAILED|CANCELLED, completion tokens)`` into the bitmaps (a failed
-        row's request is kept for a retry); the job's ``tokens`` and ``last_result`` count only rows
-        recorded for the first time, so that processes following the same job count each row once.
-        The reply (in the pipeline's, if given) is ``[tokens, last_result]`` as ``parse_counts`` reads."""
+    def record(self, finished: Sequence[tuple[int, int] | tuple[int, int, int]], pipeline: Pipeline | None = None,
+               now: float | None = None) -> None:
+        """Outcomes ``(index, OK|FAILED|CANCELLED[, completion tokens])`` into the bitmaps (a failed
+        row's request is kept for a retry); the job's ``tokens`` and ``last_result`` (``now``) count
+        only rows recorded for the first time, so that processes following the same job count each
+        row once. The reply (in the pipeline's, if given) is what ``parse_counts`` reads."""
         keys = [self.keys.ok, self.keys.failed, self.keys.cancelled, self.keys.rows, self.keys.info]
-        args = [repr(now), *(str(n) for row in finished for n in row)]
+        rows = [(index, kind, tokens[0] if tokens else 0) for index, kind, *tokens in finished]
+        args = [repr(time.time() if now is None else now), *(str(n) for row in rows for n in row)]
         with self._batch(pipeline) as pipe:
             self._record_script(keys=keys, args=args, client=pipe)
 
