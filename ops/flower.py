@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import sys
 
@@ -54,6 +55,24 @@ def flower_env(host: str, auth: str) -> dict[str, str]:
     return {"FLOWER_UNAUTHENTICATED_API": "true"}
 
 
+BROKER_LINES = {"flower.command": "Broker: %s", "kombu.mixins": "Connected to %s"}
+"""Flower's log lines that name the broker, by logger."""
+
+
+class BrokerUrlAsItIs(logging.Filter):
+    """Flower logs ``Broker: redis://:**@host``: kombu masks a password even where there is none.
+    The farm's own redaction shows the URL as it is, its password (if any) as ``***``."""
+
+    def __init__(self, shown: str) -> None:
+        super().__init__()
+        self.shown = shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in BROKER_LINES.values():
+            record.args = (self.shown,)
+        return True
+
+
 def _parser(settings: FarmSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm flower", description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -72,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(flower_env(args.address, settings.flower_auth))
     from protocol.celery_app import make_celery
 
+    for logger in BROKER_LINES:
+        logging.getLogger(logger).addFilter(BrokerUrlAsItIs(settings.redacted_redis_url()))
     app = make_celery(settings, name="batchfarm-flower")
     return int(app.start(flower_argv(args.address, args.port)) or 0)
 

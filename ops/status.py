@@ -25,23 +25,48 @@ from protocol.names import QUEUES, model_queue
 from protocol.settings import FarmSettings
 
 
-def workers_table(workers: list[WorkerHeartbeat], now: float | None = None) -> Table:
-    """One row per worker: where it runs, what it serves, how it batches."""
-    now = time.time() if now is None else now
-    table = Table(title=f"Workers online: {len(workers)}", title_justify="left")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column == "worker")
-    for w in sorted(workers, key=lambda w: w.name):
-        table.add_row(*worker_row(w, now))
-    return table
-
-
 COLUMNS = ("worker", "host", "device", "model", "quant", "state", "batches", "requests", "mean batch", "tok/s",
            "run/wait", "queue wait", "1st token", "ms/token", "failed", "seen", "metrics")
 NUMERIC = set(COLUMNS[6:])
+DROP_ORDER = ("metrics", "host", "quant", "queue wait", "ms/token", "batches", "mean batch", "seen", "1st token",
+              "device", "failed")
+"""Columns left out, first to last, until the table fits the terminal: identity, load and speed
+(worker, model, state, requests, tok/s, run/wait) stay; ``--wide`` shows every column."""
+
+
+def workers_table(workers: list[WorkerHeartbeat], now: float | None = None,
+                  columns: tuple[str, ...] = COLUMNS) -> Table:
+    """One row per worker: where it runs, what it serves, how it batches (``columns`` of ``COLUMNS``)."""
+    now = time.time() if now is None else now
+    table = Table(title=f"Workers online: {len(workers)}", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in NUMERIC else "left", no_wrap=column in NUMERIC,
+                         overflow="fold")
+    picked = [COLUMNS.index(column) for column in columns]
+    for w in sorted(workers, key=lambda w: w.name):
+        row = worker_row(w, now)
+        table.add_row(*(row[i] for i in picked))
+    return table
+
+
+def fitting_columns(workers: list[WorkerHeartbeat], width: int, now: float | None = None) -> tuple[str, ...]:
+    """The most of ``COLUMNS`` whose table fits ``width`` cells unshrunk, dropping by ``DROP_ORDER``."""
+    columns = COLUMNS
+    for drop in (None, *DROP_ORDER):
+        columns = tuple(c for c in columns if c != drop)
+        if natural_width(workers_table(workers, now, columns)) <= width:
+            break
+    return columns
+
+
+def natural_width(table: Table) -> int:
+    """How wide ``table`` draws when nothing is cut or wrapped."""
+    console = Console(width=10_000)
+    return console.measure(table).maximum
 
 
 def worker_row(w: WorkerHeartbeat, now: float) -> list[str]:
+    """Every cell of ``COLUMNS`` for ``w``."""
     device = w.device or "?"
     if w.cuda_visible_devices:
         device += f" (GPU {w.cuda_visible_devices})"
@@ -63,7 +88,8 @@ def _millis(value: float | None) -> str:
 
 
 def queues_table(depths: dict[str, int]) -> Table:
-    table = Table(title="Queues (messages waiting for a worker)", title_justify="left")
+    title = "Queues (messages waiting for a worker)"
+    table = Table(title=title, title_justify="left", min_width=len(title))
     table.add_column("queue")
     table.add_column("waiting", justify="right")
     for queue, depth in depths.items():
@@ -95,9 +121,29 @@ def snapshot(settings: FarmSettings) -> dict[str, Any]:
             "queues": client.queue_depths()}
 
 
-def render(state: dict[str, Any], console: Console) -> None:
+def print_unshrunk(table: Table, console: Console) -> None:
+    """``table`` at its natural width, wider than the terminal if need be (rich shrinks to fit)."""
+    width = console.width
+    console.width = max(width, natural_width(table))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def render(state: dict[str, Any], console: Console, wide: bool = False) -> None:
+    """The screen at ``console.width``: columns dropped to fit unless ``wide`` (then lines may be longer)."""
     console.print(f"[bold]Redis[/bold] {state['redis']}: reachable")
-    console.print(workers_table(state["workers"]))
+    workers = state["workers"]
+    columns = COLUMNS if wide else fitting_columns(workers, console.width)
+    table = workers_table(workers, columns=columns)
+    if wide:
+        print_unshrunk(table, console)
+    else:
+        console.print(table)
+    hidden = [c for c in COLUMNS if c not in columns]
+    if hidden and workers:
+        console.print(f"Hidden to fit {console.width} columns: {', '.join(hidden)} (--wide shows all)")
     if not state["workers"]:
         console.print("No worker online: start one with `./farm up` or `./farm worker`.")
     if state.get("models") or any("." in q for q in state["queues"]):
@@ -108,6 +154,8 @@ def render(state: dict[str, Any], console: Console) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="farm status", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the state as json instead of tables")
+    parser.add_argument("--wide", action="store_true",
+                        help="every column, however wide the terminal (by default columns are hidden to fit it)")
     args = parser.parse_args(argv)
     settings = FarmSettings.from_env()
     try:
@@ -119,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]],
                           "models": [m.to_dict() for m in state["models"]]}, indent=2))
     else:
-        render(state, Console())
+        render(state, Console(), wide=args.wide)
     return 0
 
 

@@ -46,6 +46,11 @@ class RequestStatus:
     queue_depth: int | None = None
 
 
+def final_state(finish_reason: str | None) -> str:
+    """The ``RequestStatus.state`` of a request that ended for ``finish_reason``."""
+    return {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(finish_reason or "", "failed")
+
+
 class FarmClient:
     """A connection to one farm (its Redis). Thread-safe; share one per process."""
 
@@ -225,15 +230,21 @@ class RequestHandle:
         meta = self.client.task_meta(self.id)
         if meta.get("status") in READY_STATES:
             result = result_from_meta(self.id, meta)
-            state = {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(result.finish_reason, "failed")
-            return RequestStatus(state, result.worker or None, result.batch_size or None, result.text,
-                                 result.finish_reason, result.error)
+            return RequestStatus(final_state(result.finish_reason), result.worker or None, result.batch_size or None,
+                                 result.text, result.finish_reason, result.error)
         return self._live_status()
 
     def _live_status(self) -> RequestStatus:
-        events = self.client.read_events(self.id)
-        starts = [e for _, e in events if e["type"] == "start"]
-        text = "".join(str(e.get("text", "")) for _, e in events if e["type"] == "delta")
+        """From the stream: the worker writes its ``end`` event a moment before Celery stores the
+        result, and a caller whose ``stream()`` just ended must not read ``running``."""
+        events = [e for _, e in self.client.read_events(self.id)]
+        starts = [e for e in events if e["type"] == "start"]
+        ends = [e for e in events if e["type"] == "end"]
+        text = "".join(str(e.get("text", "")) for e in events if e["type"] == "delta")
+        if starts and ends:
+            reason = str(ends[-1].get("finish_reason"))
+            return RequestStatus(final_state(reason), starts[-1].get("worker"), starts[-1].get("batch_size"), text,
+                                 reason, ends[-1].get("error"))
         if starts:
             return RequestStatus("running", starts[-1].get("worker"), starts[-1].get("batch_size"), text)
         if not self.client.connection.is_submitted(self.id):

@@ -94,7 +94,8 @@ class JobKeys:
     """Redis keys of one bulk job, beside Celery's results of its rows ``<job_id>:<i>``:
 
     - ``info``: hash with ``total`` (-1 until a lazy source runs out), ``params``, ``created``,
-      ``state`` (running, finished, cancelled), ``fingerprint`` (optional, of the prompts)
+      ``state`` (running, finished, cancelled), ``fingerprint`` (optional, of the prompts),
+      ``tokens`` (completion tokens of the finished rows), ``last_result`` (when the last finished)
     - ``sent``, ``ok``, ``failed``, ``cancelled``: bitmaps, bit ``i`` is row ``i``
     - ``rows``: index -> request json of the rows in flight or failed (for a retry)
     - ``sending``: set of the rows of the chunk being enqueued right now (a producer killed in the

@@ -129,6 +129,15 @@ def test_cancel_running_request(client: FarmClient) -> None:
     assert handle.status().state == "cancelled"
 
 
+def test_status_right_after_the_stream_ends_agrees_with_it(client: FarmClient) -> None:
+    for i in range(8):  # the worker ends the stream a moment before Celery stores the result
+        handle = client.submit(f"status after stream {i}", max_new_tokens=6)
+        text = "".join(handle.stream(timeout=60))
+        status = handle.status()
+        assert (status.state, status.finish_reason, status.worker) == ("done", "length", "cpu@test"), status
+        assert status.text == text == handle.result(timeout=30).text
+
+
 def test_status_reports_done_with_worker_and_batch(client: FarmClient) -> None:
     handle = client.submit("status", max_new_tokens=4)
     handle.result(timeout=60)

@@ -51,3 +51,20 @@ def test_flower_with_basic_auth(redis_server: RedisServer) -> None:
             assert b"fl0wer-pw" not in f.read()
     finally:
         stop_process(process)
+
+
+def test_flower_logs_a_broker_url_without_password_as_it_is(redis_server: RedisServer) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "FLOWER_"))}
+    env.update({"PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_server.url(0)})
+    log_path: Path = OUTPUT / "ops-flower-url.log"
+    OUTPUT.mkdir(exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "ops.cli", "flower", "--port", str(port)], env=env, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Broker:" in log_path.read_text(errors="replace"), 60, "Flower did not start")
+    finally:
+        stop_process(process)
+    text = log_path.read_text(errors="replace")
+    assert f"Broker: {redis_server.url(0)}" in text and ":**@" not in text, text

@@ -128,6 +128,20 @@ def test_job_cancel_from_another_process_stops_a_running_submit(farm_worker: Wor
     assert (status["state"], status["pending"], status["cancelled"]) == ("cancelled", 0, reasons.count("cancelled"))
 
 
+def test_job_status_from_another_process_shows_rates_mid_run_and_when_finished(farm_worker: WorkerProcess) -> None:
+    url = farm_worker.redis_url
+    job = FarmClient(url).submit_job([f"rates {time.time()} row {i}" for i in range(300)], max_new_tokens=8)
+    wait_until(lambda: job.progress().done >= 20, 120, "no rows finished")
+    status = json.loads(farm(url, "job", "status", job.id, "--json").stdout)
+    assert status["done"] >= 20 and status["rows_per_second"] > 0 and status["tokens_per_second"] > 0, status
+    job.wait(timeout=300)
+    status = json.loads(farm(url, "job", "status", job.id, "--json").stdout)
+    assert (status["state"], status["done"]) == ("finished", 300)
+    assert status["rows_per_second"] > 0 and status["tokens_per_second"] > 0, status
+    assert " 0.0 rows/s" not in farm(url, "job", "status", job.id).stdout
+    assert job.progress().rows_per_second > 0  # the submitting process too, once the job is over
+
+
 def test_bad_jsonl_line_is_one_line_and_leaves_the_output_alone(workdir: Path) -> None:
     prompts = workdir / "prompts.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"prompt": "also fine"}\n{"prompt": "broken",\n{"prompt": "x"}\n')

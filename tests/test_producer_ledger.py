@@ -78,3 +78,12 @@ def test_the_cache_keeps_a_bounded_number_of_results() -> None:
     ledger.reload(sent_book(10), created=0.0, cancelled=False)
     ledger.record([(i, result(i)) for i in range(10)])
     assert sorted(ledger.cached(list(range(10)))) == [6, 7, 8, 9]
+
+
+def test_a_finished_job_keeps_its_mean_rate_over_its_busy_time() -> None:
+    ledger = Ledger("j", window=4)
+    ledger.reload(sent_book(4), created=100.0, cancelled=False, tokens=80, last_result=110.0)
+    ledger.record([(i, result(i)) for i in range(4)])  # one look at a job that ran unwatched
+    progress = ledger.progress()
+    assert progress.state == "finished"
+    assert (progress.rows_per_second, progress.tokens_per_second) == (0.4, 8.0)  # 4 rows, 80 tokens in 10 s

@@ -63,8 +63,10 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     """Load the model, start the engine, then let Celery take messages."""
     from worker.engine.build import make_engine
     from worker.model import load_model, render_prompt
+    from worker.quiet import quiet_logs
     from worker.streams import redis_sinks
 
+    quiet_logs()
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = load_model(settings, plan.device)

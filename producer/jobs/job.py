@@ -28,7 +28,7 @@ from producer.jobs.fingerprint import fingerprint_of
 from producer.jobs.lease import Lease
 from producer.jobs.ledger import Ledger
 from producer.jobs.sender import Sender
-from producer.jobs.store import FETCH, JobStore, new_info
+from producer.jobs.store import FETCH, JobStore, new_info, parse_counts
 
 
 class Job:
@@ -205,7 +205,8 @@ class Job:
         handed = len(book.states)
         if cancelled:
             book.cancel_unsent(handed)
-        self.ledger.reload(book, float(info.get("created") or time.time()), cancelled)
+        tokens, last_result = parse_counts([info.get("tokens"), info.get("last_result")])
+        self.ledger.reload(book, float(info.get("created") or time.time()), cancelled, tokens, last_result)
         self.sender.loaded(self.params)
 
     def _check_same(self, info: dict[str, str], total: int | None, fingerprint: str | None) -> None:

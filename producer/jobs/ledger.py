@@ -28,11 +28,22 @@ class Ledger:
         self._cache_size = 4 * window
         self._meter = RateMeter(time.monotonic())
         self._measuring = False
+        self.tokens = 0
+        """Completion tokens of the job's finished rows, as Redis counts them (all processes')."""
+        self.last_result: float | None = None
+        """When the job's last row finished (epoch seconds), None before the first."""
 
-    def reload(self, book: RowBook, created: float, cancelled: bool) -> None:
+    def reload(self, book: RowBook, created: float, cancelled: bool, tokens: int = 0,
+               last_result: float | None = None) -> None:
         """The state read from Redis replaces what this process knew."""
         with self.cond:
             self.book, self.created, self.cancelled = book, created, cancelled
+            self.counted(tokens, last_result)
+
+    def counted(self, tokens: int, last_result: float | None) -> None:
+        """The job's token count and last result time, as Redis has them after a look."""
+        with self.cond:
+            self.tokens, self.last_result = tokens, last_result
 
     def record(self, finished: list[tuple[int, GenerationResult]]) -> None:
         """Rows that finished, seen by one look at their results."""
@@ -61,15 +72,23 @@ class Ledger:
     def progress(self) -> JobProgress:
         with self.cond:
             book = self.book
+            state = "cancelled" if self.cancelled else "finished" if book.finished else "running"
             rows_rate, tokens_rate = self._meter.rates(time.monotonic())
-            if not self._meter.samples and not book.finished and not self.cancelled:
-                # Followed from another process and never watched over time: the average so far.
-                rows_rate = (book.sent - len(book.outstanding)) / max(time.time() - self.created, 1e-3)
+            if state != "running" or not self._meter.samples:
+                # Over, or followed from another process and not watched over time: the mean rate.
+                rows_rate, tokens_rate = self.mean_rates()
             pending = book.counts[PENDING]
             eta = pending / rows_rate if rows_rate > 0 and book.total is not None else None
-            state = "cancelled" if self.cancelled else "finished" if book.finished else "running"
             return JobProgress(self.job_id, state, book.total, book.counts[OK], book.counts[FAILED],
                                book.counts[CANCELLED], pending, book.sent, rows_rate, tokens_rate, eta)
+
+    def mean_rates(self) -> tuple[float, float]:
+        """Rows and tokens per second from the job's creation to its last result: its busy time,
+        not the time since (a finished job keeps its rate)."""
+        with self.cond:
+            span = (self.last_result or 0.0) - self.created
+            rows = self.book.counts[OK] + self.book.counts[FAILED]
+            return (rows / span, self.tokens / span) if span > 0 and self.last_result else (0.0, 0.0)
 
     def _remember(self, index: int, result: GenerationResult) -> None:
         self._cache[index] = result

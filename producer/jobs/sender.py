@@ -26,7 +26,7 @@ from producer.connection import FarmConnection, as_text
 from producer.jobs.book import book_from_bitmaps, outcome
 from producer.jobs.lease import Lease
 from producer.jobs.ledger import Ledger
-from producer.jobs.store import Chunk, JobStore
+from producer.jobs.store import Chunk, JobStore, parse_counts
 
 CHUNK = 32
 """Rows enqueued between two bookkeeping round trips."""
@@ -331,8 +331,9 @@ class Sender:
             self.store.state(pipeline=pipe)
             if self.lease.held:
                 self.lease.refresh(pipe)
-            self.store.record([(i, outcome(r)) for i, r in finished], pipeline=pipe)
+            self.store.record([(i, outcome(r), r.completion_tokens) for i, r in finished], pipeline=pipe)
             replies = pipe.execute()
         if self.lease.held:
             self.lease.keep(replies[1])
+        self.ledger.counted(*parse_counts(replies[-1]))
         return as_text(replies[0] or b"")

@@ -11,20 +11,38 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 from protocol.names import BULK_QUEUE, JobKeys, model_queue, stream_key, submitted_key
 from protocol.schema import GenerationResult
 
 from producer.connection import FarmConnection, as_text
-from producer.jobs.book import CANCELLED, FAILED, OK
 
 FETCH = 512
 """Results read from Redis in one MGET."""
+RECORD = """
+local fresh, tokens = 0, 0
+for i = 2, #ARGV, 3 do
+  local index, kind = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  if redis.call('SETBIT', KEYS[kind], index, 1) == 0 then
+    fresh, tokens = fresh + 1, tokens + tonumber(ARGV[i + 2])
+  end
+  if kind ~= 2 then redis.call('HDEL', KEYS[4], ARGV[i]) end
+end
+if fresh > 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HINCRBY', KEYS[5], 'tokens', tokens)
+  redis.call('HSET', KEYS[5], 'last_result', ARGV[1])
+end
+return redis.call('HMGET', KEYS[5], 'tokens', 'last_result')
+"""
+"""Record finished rows (KEYS: the ok, failed and cancelled bitmaps in the order of their kinds
+1-3, the rows hash, the info hash; ARGV: now, then index, kind, tokens per row) in one atomic step:
+SETBIT's old bit tells a row recorded for the first time, whose tokens are then counted."""
 Chunk = list[tuple[int, Any]]
 """Rows about to be sent: ``(index, request dict or the FarmError that refused it)``."""
 
@@ -173,17 +191,23 @@ class JobStore:
             found += [(i, self.connection.decode_result(t, raw)) for i, t, raw in zip(part, ids, raws, strict=True)]
         return found
 
-    def record(self, finished: list[tuple[int, int]], pipeline: Pipeline | None = None) -> None:
-        """Outcomes ``(index, OK|FAILED|CANCELLED)`` into the bitmaps; a failed row's request is
-        kept for a retry."""
-        bitmaps = {OK: self.keys.ok, FAILED: self.keys.failed, CANCELLED: self.keys.cancelled}
+    def record(self, finished: Sequence[tuple[int, int] | tuple[int, int, int]], pipeline: Pipeline | None = None,
+               now: float | None = None) -> None:
+        """Outcomes ``(index, OK|FAILED|CANCELLED[, completion tokens])`` into the bitmaps (a failed
+        row's request is kept for a retry); the job's ``tokens`` and ``last_result`` (``now``) count
+        only rows recorded for the first time, so that processes following the same job count each
+        row once. The reply (in the pipeline's, if given) is what ``parse_counts`` reads."""
+        keys = [self.keys.ok, self.keys.failed, self.keys.cancelled, self.keys.rows, self.keys.info]
+        rows = [(index, kind, tokens[0] if tokens else 0) for index, kind, *tokens in finished]
+        args = [repr(time.time() if now is None else now), *(str(n) for row in rows for n in row)]
         with self._batch(pipeline) as pipe:
-            for index, kind in finished:
-                pipe.setbit(bitmaps[kind], index, 1)
-                if kind != FAILED:
-                    pipe.hdel(self.keys.rows, str(index))
+            self._record_script(keys=keys, args=args, client=pipe)
 
-    # --- retrying ---------------------------------------------------------------------------
+    @property
+    def _record_script(self) -> Script:
+        return self.connection.redis.register_script(RECORD)
+
+    # --- retrying    # --- retrying ---------------------------------------------------------------------------
     def requests(self, rows: list[int]) -> list[tuple[int, dict[str, Any]]]:
         """The stored requests of rows (those without one are left out)."""
         if not rows:
@@ -201,6 +225,12 @@ class JobStore:
                 pipe.setbit(self.keys.failed, index, 0)
                 pipe.setbit(self.keys.sent, index, 0)
             self.set_state("running", pipeline=pipe)
+
+
+def parse_counts(reply: list[bytes | str | None]) -> tuple[int, float | None]:
+    """The job's completion tokens and the time of its last result, from ``record``'s reply."""
+    tokens, last = (as_text(v) if v is not None else None for v in reply)
+    return int(tokens or 0), float(last) if last else None
 
 
 def new_info(params: dict[str, Any], total: int | None, fingerprint: str | None) -> dict[str, str]:
