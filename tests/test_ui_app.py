@@ -488,6 +488,14 @@ RECORD_ANSWER = """() => {
 }"""
 
 
+def set_max_new_tokens(page: Any, tokens: int) -> None:
+    box = page.locator("#chat-max-new-tokens input[type=number]")
+    box.fill(str(tokens))
+    box.press("Tab")
+    page.wait_for_function("(n) => document.querySelector('#chat-max-new-tokens input[type=range]').value == n",
+                           arg=str(tokens), timeout=15000)
+
+
 def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
     """Type ``question``, press Enter; the answers' texts seen while it streamed, and its request id."""
     request_box = page.locator("#chat-request-id textarea, #chat-request-id input").first
@@ -496,7 +504,7 @@ def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
     page.locator("#chat-message textarea").fill(question)
     page.locator("#chat-message textarea").press("Enter")
     # The previous turn's "Done" stays until this turn's request id replaces the previous one.
-    page.wait_for_function(ANSWERED, arg=before, timeout=90000)
+    page.wait_for_function(ANSWERED, arg=before, timeout=180000)
     time.sleep(0.1)
     seen = page.evaluate("() => { clearInterval(window.answerSampler); return window.seenAnswers; }")
     return list(seen), request_box.input_value()
@@ -512,9 +520,9 @@ ANSWERED = """(before) => {
 def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiApp], tiny_model: Path) -> None:
     """A person types a question in the chat, sees the answer stream in, then asks again."""
     with browser_page(apps["farm"].url) as page:
-        page.locator("#chat-max-new-tokens input[type=number]").fill("300")
-        page.locator("#chat-max-new-tokens input[type=number]").press("Tab")
+        set_max_new_tokens(page, 600)  # long enough to be seen growing on a busy machine
         seen, first_id = ask_in_page(page, "What is the capital of France?")
+        set_max_new_tokens(page, 40)  # a short second answer keeps both turns in the screenshot
         _, second_id = ask_in_page(page, "And of Italy?")
         page.screenshot(path=str(OUTPUT / "ui" / "chat.png"), full_page=True)
         users = page.locator("#chatbot .message-row.user-row").all_inner_texts()
@@ -530,3 +538,16 @@ def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiAp
     sent = [{"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
     assert second.prompt_tokens == chat_prompt_tokens(tiny_model, sent)  # the second request had 3 messages
+
+
+def test_chat_cancel_keeps_the_partial_answer(apps: dict[str, UiApp]) -> None:
+    job = apps["farm"].client().submit("Tell me a long story", [], *{**CHAT_DEFAULTS, "new_tokens": 1024}.values(),
+                                       api_name="/chat")
+    wait_until(lambda: any(texts(u[1])[-1][1] for u in job.outputs() if len(u[1]) == 2),  # type: ignore[attr-defined]
+               60, "no partial answer")
+    _, history, request_id, _ = job.outputs()[-1]  # type: ignore[attr-defined]
+    status, history, _ = apps["farm"].client().predict(request_id, history, api_name="/chat_cancel")
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
+    assert stored.finish_reason == "cancelled" and 0 < stored.completion_tokens < 1024
+    assert status == f"**Cancelled** after {stored.completion_tokens} tokens."
+    assert texts(history) == [("user", "Tell me a long story"), ("assistant", stored.text)]
