@@ -36,6 +36,8 @@ FLOWER_PORT = "5599"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHAT_DEFAULTS = {"system": "", "new_tokens": 24, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
+                 "seed_value": -1}
 DEFAULTS = {"as_chat": False, "new_tokens": 64, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
             "seed_value": -1}
 
@@ -261,6 +263,7 @@ def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> No
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1100})
             page.goto(apps["farm"].url)
+            page.get_by_role("tab", name="Completion").click()
             page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
             page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
             page.screenshot(path=str(shots / "refused.png"), full_page=True)
@@ -427,3 +430,124 @@ def test_temperature_widgets_reach_the_api_limit(apps: dict[str, UiApp]) -> None
     ends = {c["props"].get("label"): c["props"].get("maximum") for c in config["components"]
             if str(c["props"].get("label", "")).startswith("Temperature")}
     assert ends == {"Temperature (0 = greedy)": Limits().max_temperature, "Temperature": 5.0}
+
+
+def chat_prompt_tokens(tiny_model: Path, messages: list[dict[str, str]]) -> int:
+    """Tokens of the prompt a worker renders from ``messages``: what its result's
+    ``prompt_tokens`` counts, so the result tells which messages the request carried."""
+    from types import SimpleNamespace
+
+    from worker.model import load_tokenizer, render_prompt
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    rendered = render_prompt(SimpleNamespace(tokenizer=tokenizer), "chat", None, tuple(messages))  # type: ignore[arg-type]
+    return len(tokenizer(rendered)["input_ids"])
+
+
+def chat_turn(app: UiApp, message: str, history: list[Any], **params: object) -> tuple[str, list[Any], str, str]:
+    return app.client().predict(message, history, *{**CHAT_DEFAULTS, **params}.values(),  # type: ignore[no-any-return]
+                                api_name="/chat")
+
+
+def texts(history: list[Any]) -> list[tuple[str, str]]:
+    return [(m["role"], "".join(part["text"] for part in m["content"])) for m in history]
+
+
+def test_chat_sends_the_history_as_messages(apps: dict[str, UiApp], tiny_model: Path) -> None:
+    """Two turns through ``/chat``: the second request carries question, answer, question."""
+    farm = FarmClient(apps["farm"].redis_url)
+    status, history, first_id, box = chat_turn(apps["farm"], "What is a list?", [])
+    first = farm.handle(first_id).result(timeout=30)
+    assert status.startswith("**Done**: 24 tokens") and box == ""
+    assert texts(history) == [("user", "What is a list?"), ("assistant", first.text)]
+    status, history, second_id, _ = chat_turn(apps["farm"], "And a tuple?", history, system="Be brief.")
+    second = farm.handle(second_id).result(timeout=30)
+    sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+            {"role": "assistant", "content": first.text}, {"role": "user", "content": "And a tuple?"}]
+    assert second.prompt_tokens == chat_prompt_tokens(tiny_model, sent)
+    assert texts(history) == [(m["role"], m["content"]) for m in sent[1:]] + [("assistant", second.text)]
+
+
+def test_chat_refuses_an_empty_message_and_keeps_the_history(apps: dict[str, UiApp]) -> None:
+    earlier = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+    status, history, request_id, box = chat_turn(apps["farm"], "  ", earlier)
+    assert status == "**Not sent.** The prompt is empty: type a prompt, then press Enter or Submit."
+    assert texts(history) == [("user", "hi"), ("assistant", "hello")] and (request_id, box) == ("", "  ")
+
+
+RECORD_ANSWER = """() => {
+    // The last answer's text as the page shows it, sampled in the page (see RECORD_OUTPUT).
+    window.seenAnswers = [];
+    window.answerSampler = setInterval(() => {
+        const rows = document.querySelectorAll('#chatbot .message-row.bot-row');
+        const text = rows.length ? rows[rows.length - 1].innerText.trim() : '';
+        const seen = window.seenAnswers;
+        if (seen.length === 0 || seen[seen.length - 1] !== text) seen.push(text);
+    }, 5);
+}"""
+
+
+def set_max_new_tokens(page: Any, tokens: int) -> None:
+    box = page.locator("#chat-max-new-tokens input[type=number]")
+    box.fill(str(tokens))
+    box.press("Tab")
+    page.wait_for_function("(n) => document.querySelector('#chat-max-new-tokens input[type=range]').value == n",
+                           arg=str(tokens), timeout=15000)
+
+
+def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
+    """Type ``question``, press Enter; the answers' texts seen while it streamed, and its request id."""
+    request_box = page.locator("#chat-request-id textarea, #chat-request-id input").first
+    before = request_box.input_value()
+    page.evaluate(RECORD_ANSWER)
+    page.locator("#chat-message textarea").fill(question)
+    page.locator("#chat-message textarea").press("Enter")
+    # The previous turn's "Done" stays until this turn's request id replaces the previous one.
+    page.wait_for_function(ANSWERED, arg=before, timeout=180000)
+    time.sleep(0.1)
+    seen = page.evaluate("() => { clearInterval(window.answerSampler); return window.seenAnswers; }")
+    return list(seen), request_box.input_value()
+
+
+ANSWERED = """(before) => {
+    const box = document.querySelector('#chat-request-id textarea, #chat-request-id input');
+    const line = document.querySelector('#chat-status');
+    return box && box.value && box.value !== before && line && line.innerText.includes('Done:');
+}"""
+
+
+def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiApp], tiny_model: Path) -> None:
+    """A person types a question in the chat, sees the answer stream in, then asks again."""
+    with browser_page(apps["farm"].url) as page:
+        set_max_new_tokens(page, 600)  # long enough to be seen growing on a busy machine
+        seen, first_id = ask_in_page(page, "What is the capital of France?")
+        set_max_new_tokens(page, 40)  # a short second answer keeps both turns in the screenshot
+        _, second_id = ask_in_page(page, "And of Italy?")
+        page.screenshot(path=str(OUTPUT / "ui" / "chat.png"), full_page=True)
+        users = page.locator("#chatbot .message-row.user-row").all_inner_texts()
+        bots = page.locator("#chatbot .message-row.bot-row").all_inner_texts()
+        line = page.locator("#chat-status").inner_text()
+    farm = FarmClient(apps["farm"].redis_url)
+    first, second = farm.handle(first_id).result(timeout=30), farm.handle(second_id).result(timeout=30)
+    assert [u.strip() for u in users] == ["What is the capital of France?", "And of Italy?"]
+    assert len(bots) == 2 and first.ok and second.ok and first_id != second_id
+    growing = [text for text in seen[:-1] if text]
+    assert len(growing) >= 3, [len(t) for t in seen]  # the answer grew in the page before it ended
+    assert re.match(r"Done: \d+ tokens in .* tokens/s on cpu@test", line), line
+    sent = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    assert second.prompt_tokens == chat_prompt_tokens(tiny_model, sent)  # the second request had 3 messages
+
+
+def test_chat_cancel_keeps_the_partial_answer(apps: dict[str, UiApp]) -> None:
+    job = apps["farm"].client().submit("Tell me a long story", [], *{**CHAT_DEFAULTS, "new_tokens": 1024}.values(),
+                                       api_name="/chat")
+    wait_until(lambda: any(texts(u[1])[-1][1] for u in job.outputs() if len(u[1]) == 2),  # type: ignore[attr-defined]
+               60, "no partial answer")
+    _, history, request_id, _ = job.outputs()[-1]  # type: ignore[attr-defined]
+    status, history, _ = apps["farm"].client().predict(request_id, history, api_name="/chat_cancel")
+    stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
+    assert stored.finish_reason == "cancelled" and 0 < stored.completion_tokens < 1024
+    assert status == f"**Cancelled** after {stored.completion_tokens} tokens."
+    assert texts(history) == [("user", "Tell me a long story"), ("assistant", stored.text)]

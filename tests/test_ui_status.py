@@ -9,7 +9,7 @@ from protocol.errors import ErrorCode, FarmError, RequestError
 from protocol.heartbeat import WorkerHeartbeat
 from protocol.schema import GenerationResult
 from protocol.settings import FarmSettings
-from ui import farm, status
+from ui import chat, farm, status
 from ui.generate import DEFAULT_ADAPTER_CHOICE, request_data
 
 
@@ -50,6 +50,20 @@ def test_request_data_from_widgets() -> None:
     chat = request_data("hi", True, {**params, "adapter": "second", "seed": 7.0})
     assert chat["messages"] == [{"role": "user", "content": "hi"}]
     assert (chat["adapter"], chat["seed"], "prompt" in chat) == ("second", 7, False)
+
+
+def test_chat_request_from_the_chatbot_history() -> None:
+    """Gradio hands the history back as lists of parts; the request carries plain strings, the
+    system prompt first, the new message last, and the widgets' parameters beside them."""
+    history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": " Hel"}, {"type": "text", "text": "lo"}]}]
+    data = chat.chat_data(history, "And you?", "Be brief.", {"max_new_tokens": 8.0, "seed": -1,
+                                                               "adapter": DEFAULT_ADAPTER_CHOICE})
+    assert data == {"max_new_tokens": 8, "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": " Hello"}, {"role": "user", "content": "And you?"}]}
+    assert chat.chat_data([], "Q", "  ", {})["messages"] == [{"role": "user", "content": "Q"}]
+    assert chat.shown("assistant", "  x") == {"role": "assistant", "content": [{"type": "text", "text": "  x"}]}
 
 
 def test_farm_tables_from_heartbeats() -> None:

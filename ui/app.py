@@ -1,4 +1,4 @@
-"""The farm's Gradio UI: Generate (queued, streamed, cancellable), Bulk jobs, Farm status.
+"""The farm's Gradio UI: Generate (a chat, and plain completion), Bulk jobs, Farm status.
 
 ``python -m ui.app`` or ``farm ui``. Every callback is a thin wrapper over ``producer``: the
 model runs in the workers, this process only enqueues and waits on Redis.
@@ -18,7 +18,7 @@ from producer.client import FarmClient
 from protocol.errors import FarmError, SettingsError
 from protocol.schema import Limits
 from protocol.settings import FarmSettings
-from ui import bulk, farm, status
+from ui import bulk, chat, farm, status
 from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, request_data
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
     with gr.Blocks(title="batchfarm", analytics_enabled=False) as demo:
         gr.Markdown("## batchfarm\nGeneration requests are queued in Redis and batched by the workers.")
         with gr.Tab("Generate") as generate_tab:
-            adapter = _generate_tab(client, settings)
+            adapters = _generate_tab(client, settings)
         with gr.Tab("Bulk") as bulk_tab:
             bulk_adapter = bulk.build_tab(client, settings)
         with gr.Tab("Farm") as farm_tab:
@@ -48,7 +48,7 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
                         show_progress="hidden")
         for tab in (generate_tab, bulk_tab):
             tab.select(lambda: gr.Timer(active=False), outputs=timer, api_visibility="private")
-        demo.load(lambda: (_adapter_choices(client),) * 2, outputs=[adapter, bulk_adapter], api_visibility="private")
+        demo.load(lambda: (_adapter_choices(client),) * 3, outputs=[*adapters, bulk_adapter], api_visibility="private")
         demo.load(refresh, outputs=farm_outputs, api_visibility="private", show_progress="hidden")
     # Each Generate callback spends its life waiting on Redis while the workers batch; a low
     # concurrency limit (Gradio's default is 1) would feed the farm one request at a time and
@@ -59,43 +59,96 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
     return demo
 
 
-def _generate_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
+def _generate_tab(client: FarmClient, settings: FarmSettings) -> list[gr.Dropdown]:
+    """A chat for instruct models, and plain completion (today's ``/generate``) for base models."""
+    with gr.Tab("Chat"):
+        chat_adapter = _chat_tab(client, settings)
+    with gr.Tab("Completion"):
+        adapter = _completion_tab(client, settings)
+    return [chat_adapter, adapter]
+
+
+def _parameters(settings: FarmSettings, prefix: str = "") -> list[Any]:
+    """max new tokens, temperature, top-p, adapter, seed: the request's knobs, in this order."""
+    max_new = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens, settings.max_new_tokens),
+                        step=1, label="Max new tokens", elem_id=f"{prefix}max-new-tokens")
+    temperature = gr.Slider(0.0, Limits.from_settings(settings).max_temperature, value=0.0, step=0.05,
+                            label="Temperature (0 = greedy)")
+    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+    adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
+                          visible=False)
+    seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1)
+    return [max_new, temperature, top_p, adapter, seed]
+
+
+def _params(new_tokens: float, temp: float, p: float, adapter_name: str | None,
+            seed_value: float | None) -> dict[str, Any]:
+    return {"max_new_tokens": new_tokens, "temperature": temp, "top_p": p, "adapter": adapter_name,
+            "seed": seed_value}
+
+
+def _chat_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy"])
+            message = gr.Textbox(label="Message", lines=1, max_lines=8, autofocus=True, elem_id="chat-message",
+                                 placeholder="Ask something; Enter sends, Shift+Enter starts a new line.")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                stop = gr.Button("Cancel", variant="stop", elem_id="chat-cancel")
+                clear = gr.Button("New chat", elem_id="chat-clear")
+            line = gr.Markdown("Ready.", elem_id="chat-status")
+        with gr.Column(scale=1, min_width=260):
+            system = gr.Textbox(label="System prompt (optional)", lines=2, elem_id="chat-system")
+            params = _parameters(settings, "chat-")
+    request_id = gr.Textbox(visible="hidden", elem_id="chat-request-id")  # in the DOM: tests read it
+
+    def on_chat(text: str, history: list[chat.Message] | None, system_prompt: str,
+                *knobs: Any) -> Iterator[tuple[Any, ...]]:
+        try:
+            for turn in chat.chat_turn(client, history or [], text, system_prompt or "", _params(*knobs)):
+                yield turn.status, turn.history, turn.request_id, ""
+        except FarmError as error:
+            yield _refused(error), history or [], "", text
+
+    event = gr.on([send.click, message.submit], on_chat, inputs=[message, chatbot, system, *params],
+                  outputs=[line, chatbot, request_id, message], api_name="chat", show_progress="hidden")
+    stop.click(lambda rid, history: _turn(chat.cancel_turn(client, rid, history or [])),
+               inputs=[request_id, chatbot], outputs=[line, chatbot, request_id], cancels=[event],
+               api_name="chat_cancel")
+    clear.click(lambda: ("Ready.", [], ""), outputs=[line, chatbot, request_id], cancels=[event],
+                api_visibility="private")
+    return params[3]
+
+
+def _turn(turn: chat.Turn) -> tuple[str, list[chat.Message], str]:
+    return turn.status, turn.history, turn.request_id
+
+
+def _completion_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
     # One line that grows: Gradio submits on Enter only in a one-line box (Shift+Enter adds a line).
-    prompt = gr.Textbox(label="Prompt", lines=1, max_lines=12, autofocus=True, elem_id="prompt",
+    prompt = gr.Textbox(label="Prompt", lines=1, max_lines=12, elem_id="prompt",
                         placeholder=f"Type a prompt (up to {settings.max_prompt_chars} characters); "
                                     "Enter submits, Shift+Enter starts a new line.")
     with gr.Row():
         submit = gr.Button("Submit", variant="primary", elem_id="submit")
         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
     with gr.Accordion("Parameters", open=False):
-        chat = gr.Checkbox(False, label="Chat: send as a user message (the worker applies its chat template)")
+        as_chat = gr.Checkbox(False, label="Chat: send as a user message (the worker applies its chat template)")
         with gr.Row():
-            max_new = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
-                                settings.max_new_tokens), step=1, label="Max new tokens",
-                                elem_id="max-new-tokens")
-            temperature = gr.Slider(0.0, Limits.from_settings(settings).max_temperature, value=0.0, step=0.05,
-                                    label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-        with gr.Row():
-            adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE,
-                                  label="Adapter (LoRA)", visible=False)
-            seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1)
+            params = _parameters(settings)
     line = gr.Markdown("Ready.", elem_id="status")
     output = gr.Textbox(label="Output", lines=10, interactive=False, elem_id="output")
     request_id = gr.Textbox(label="Request id", interactive=False, elem_id="request-id", max_lines=1)
 
-    def on_generate(text: str, as_chat: bool, new_tokens: float, temp: float, p: float,
-                    adapter_name: str | None, seed_value: float | None) -> Iterator[GenerateOutputs]:
-        params = {"max_new_tokens": new_tokens, "temperature": temp, "top_p": p,
-                  "adapter": adapter_name, "seed": seed_value}
-        yield from _stream(client, request_data(text, as_chat, params))
+    def on_generate(text: str, chat_box: bool, *knobs: Any) -> Iterator[GenerateOutputs]:
+        yield from _stream(client, request_data(text, chat_box, _params(*knobs)))
 
-    event = gr.on([submit.click, prompt.submit], on_generate,
-                  inputs=[prompt, chat, max_new, temperature, top_p, adapter, seed],
+    event = gr.on([submit.click, prompt.submit], on_generate, inputs=[prompt, as_chat, *params],
                   outputs=[line, output, request_id], api_name="generate", show_progress="minimal")
     stop.click(lambda rid: _outputs(cancel(client, rid)), inputs=request_id,
                outputs=[line, output, request_id], cancels=[event], api_name="cancel")
-    return adapter
+    return params[3]
 
 
 def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutputs]:
@@ -105,10 +158,15 @@ def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutput
         for update in generate(client, data):
             yield _outputs(update)
     except FarmError as error:
-        message = status.refused(error)
-        log.info("generate refused: %s", error.message)
-        gr.Warning(message, duration=status.TOAST_SECONDS)
-        yield f"**Not sent.** {message}", "", ""
+        yield _refused(error), "", ""
+
+
+def _refused(error: FarmError) -> str:
+    """A refusal is the status line plus a warning toast."""
+    message = status.refused(error)
+    log.info("request refused: %s", error.message)
+    gr.Warning(message, duration=status.TOAST_SECONDS)
+    return f"**Not sent.** {message}"
 
 
 def _outputs(update: Update) -> GenerateOutputs:
