@@ -85,7 +85,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     install_safe_transport()  # a malformed message must not stop the worker
     app = make_celery(settings)
     liveness = Liveness(client, name, settings.heartbeat_seconds).start()  # owns what this process pops
-    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness.owner)}
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness)}
     identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)

@@ -116,8 +116,23 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     _idle_until = 0.0  # with the worker's event loop: no pop before this (after an empty one)
     _sent = "BRPOP"
     farm_owner = ""
-    """This worker process's owner name (``protocol.ownership``); empty: pops record no owner."""
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "farm_owner")  # type: ignore[assignment]
+    """The owner name its pops record (``protocol.ownership``); empty: pops record no owner."""
+    farm_claims: ownership.Liveness | None = None
+    """The worker process's claims: given, the channel claims under a name of its own, for as long
+    as it is open. A channel dropped with Redis (a restart) takes its delivered messages with it,
+    while Redis still lists them as reserved: they must not stay held by the live process."""
+    from_transport_options = (*kombu_redis.Channel.from_transport_options,  # type: ignore[assignment]
+                              "farm_owner", "farm_claims")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.farm_claims is not None:
+            self.farm_owner = self.farm_claims.claim()
+
+    def close(self) -> None:
+        if self.farm_claims is not None:  # first: whatever the close meets, the claim lapses
+            self.farm_claims.release(self.farm_owner)
+        super().close()
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self._atomic_pop or self.global_keyprefix:
