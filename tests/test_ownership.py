@@ -164,7 +164,8 @@ def test_a_closed_channel_claim_lapses_and_what_redis_still_lists_comes_back(
         owner = ownership.parse_record(db.hget(owners_key(), held[0].delivery_tag) or b"")[0]
         assert owner.startswith(f"{keeper.owner}/") and db.exists(alive_key(owner))
         assert other.default_channel.farm_owner not in (owner, keeper.owner)  # a name per channel
-        before = db.hgetall(owners_key()), db.hgetall("unacked"), dict(db.zrange("unacked_index", 0, -1, withscores=True))
+        index = dict(db.zrange("unacked_index", 0, -1, withscores=True))
+        before = db.hgetall(owners_key()), db.hgetall("unacked"), index
         conn.release()  # dropped: its messages go back, then Redis comes back as it was before
         db.delete(QUEUE.name)
         db.hset(owners_key(), mapping=before[0])
