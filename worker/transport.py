@@ -9,8 +9,9 @@ Pickle is refused earlier by Celery itself (``accept_content=["json"]``).
 Also: when Redis goes away (a restart), Celery closes the broken channel and kombu tries to put
 the channel's unacknowledged messages back with a connection it has just torn down; the
 resulting AttributeError stopped the worker ("Unrecoverable error"). Those messages are still in
-Redis's unacked index, and come back after the visibility timeout, so the attempt is dropped
-with a log line and the worker reconnects.
+Redis's unacked index, under the closed channel's own owner name, which the worker no longer keeps
+alive: a sweeper returns them within seconds (``protocol/ownership.py``). So the attempt is
+dropped with a log line and the worker reconnects, with a new channel and a new owner name.
 
 And: stock kombu takes a message with ``BRPOP`` and only then, from Python, records it in the
 unacked index that redelivers a dead worker's messages. A worker killed in between (or while
@@ -104,8 +105,8 @@ class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
         try:
             super().restore_unacked(client)
         except (AttributeError, *kombu_redis.get_redis_error_classes().connection_errors) as error:
-            log.warning("unacknowledged messages not restored now (%r): they return after the "
-                        "visibility timeout", error)
+            log.warning("unacknowledged messages not restored now (%r): they return once this "
+                        "channel's claim lapses", error)
             self._delivered.clear()
 
 
