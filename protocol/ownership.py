@@ -14,6 +14,12 @@ owner still dead, then removes the message from kombu's indices and pushes it ba
 the workers pop next (the front of its queue), marked redelivered as kombu marks it. So any
 number of concurrent sweepers restore each message once. A message without an owner (kombu's
 own path) is left to kombu's visibility timeout, the last resort.
+
+A claim lasts as long as the broker channel that popped the messages, not the process: when Redis
+restarts, kombu drops the worker's channel with the messages it had delivered, but Redis (from its
+append-only file) still lists them as reserved. Each channel therefore claims under a name of its
+own (``Liveness.claim``), which is no longer refreshed once the channel closes; its messages come
+back within seconds, while the worker carries on with a new channel and a new name.
 """
 
 from __future__ import annotations
@@ -174,12 +180,15 @@ class Sweeper:
 
 
 class Liveness:
-    """A worker process's claim on its messages: its alive key, refreshed by a thread that also
-    sweeps the messages of dead workers. Started before the worker takes any message."""
+    """A worker process's claims on its messages: alive keys, refreshed by a thread that also
+    sweeps the messages of dead workers. Started before the worker takes any message. ``owner``
+    is the process's name; each broker channel claims under a name of its own (``claim``)."""
 
     def __init__(self, client: redis.Redis, worker_name: str, heartbeat_seconds: float) -> None:
         self.client, self.owner = client, new_owner(worker_name)
         self.sweeper = Sweeper(client, heartbeat_seconds)
+        self._claims = {self.owner}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
@@ -192,9 +201,27 @@ class Liveness:
         self._stop.set()
         self._thread.join(5)
 
+    def claim(self) -> str:
+        """A new owner name, kept alive until ``release``d (a channel's, for its lifetime)."""
+        owner = f"{self.owner}/{uuid.uuid4().hex[:8]}"
+        with self._lock:
+            self._claims.add(owner)
+        self.refresh()
+        return owner
+
+    def release(self, owner: str) -> None:
+        """Stop refreshing ``owner``: the messages it still holds are swept once its key lapses."""
+        with self._lock:
+            self._claims.discard(owner)
+
     def refresh(self) -> None:
+        with self._lock:
+            owners = sorted(self._claims)
         try:
-            self.client.set(alive_key(self.owner), "1", px=int(self.sweeper.ttl * 1000))
+            pipe = self.client.pipeline(transaction=False)
+            for owner in owners:
+                pipe.set(alive_key(owner), "1", px=int(self.sweeper.ttl * 1000))
+            pipe.execute()
         except redis.RedisError as error:  # Redis restarting: refresh again next time
             log.warning("liveness not refreshed: %s", error)
 
@@ -204,6 +231,7 @@ class Liveness:
             self.sweeper.poll()
 
 
-def transport_options(owner: str) -> dict[str, Any]:
-    """What the worker adds to ``broker_transport_options`` so its pops record it as owner."""
-    return {"farm_owner": owner}
+def transport_options(liveness: Liveness) -> dict[str, Any]:
+    """What the worker adds to ``broker_transport_options`` so that each of its channels' pops
+    record an owner of that channel's own (``worker/transport.py``)."""
+    return {"farm_owner": liveness.owner, "farm_claims": liveness}

@@ -18,7 +18,7 @@ from kombu import Connection, Exchange, Queue
 
 from protocol import ownership
 from protocol.names import alive_key, owners_key
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_until
 from worker import transport
 
 pytestmark = pytest.mark.integration
@@ -147,4 +147,34 @@ def test_liveness_refreshes_its_claim(redis_server: RedisServer, db: redis.Redis
         time.sleep(0.5)  # a few refreshes
         assert db.pttl(alive_key(keeper.owner)) > 2000
     finally:
+        keeper.stop()
+
+
+def test_a_closed_channel_claim_lapses_and_what_redis_still_lists_comes_back(
+        redis_server: RedisServer, db: redis.Redis) -> None:
+    """Redis restarted from its append-only file still lists the messages a worker's dropped
+    channel had: the worker lives on, but that channel's claim lapses, so they come back."""
+    keeper = ownership.Liveness(db, "gpu0@host", heartbeat_seconds=0.2).start()
+    options = {"visibility_timeout": 3600, **ownership.transport_options(keeper)}
+    conn = Connection(redis_server.url(DB), transport=transport.SafeTransport, transport_options=options)
+    other = Connection(redis_server.url(DB), transport=transport.SafeTransport, transport_options=options)
+    try:
+        publish(conn, 2)
+        held = reserve(conn, 2)
+        owner = ownership.parse_record(db.hget(owners_key(), held[0].delivery_tag) or b"")[0]
+        assert owner.startswith(f"{keeper.owner}/") and db.exists(alive_key(owner))
+        assert other.default_channel.farm_owner not in (owner, keeper.owner)  # a name per channel
+        index = dict(db.zrange("unacked_index", 0, -1, withscores=True))
+        before = db.hgetall(owners_key()), db.hgetall("unacked"), index
+        conn.release()  # dropped: its messages go back, then Redis comes back as it was before
+        db.delete(QUEUE.name)
+        db.hset(owners_key(), mapping=before[0])
+        db.hset("unacked", mapping=before[1])
+        db.zadd("unacked_index", before[2])
+        wait_until(lambda: db.llen(QUEUE.name) == 2, 30, "the dropped channel's messages never came back")
+        assert db.exists(alive_key(keeper.owner)) and not db.exists(alive_key(owner))
+        assert db.hlen(owners_key()) == 0
+    finally:
+        other.release()
+        conn.release()
         keeper.stop()

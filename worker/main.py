@@ -89,7 +89,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     queues = model_queues(model, plain=settings.takes_unnamed())  # its model's; the plain ones if default
     app = make_celery(settings, queues=queues)
     liveness = Liveness(client, name, settings.heartbeat_seconds).start()  # owns what this process pops
-    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness.owner)}
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **owner_options(liveness)}
     identity = worker_identity(settings, plan, loaded, name, time.monotonic() - started, queues)
     adapters = AdapterRegistry(engine, loaded)  # adapters load at run time (control command)
     register_adapter_control(adapters)

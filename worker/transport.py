@@ -9,8 +9,9 @@ Pickle is refused earlier by Celery itself (``accept_content=["json"]``).
 Also: when Redis goes away (a restart), Celery closes the broken channel and kombu tries to put
 the channel's unacknowledged messages back with a connection it has just torn down; the
 resulting AttributeError stopped the worker ("Unrecoverable error"). Those messages are still in
-Redis's unacked index, and come back after the visibility timeout, so the attempt is dropped
-with a log line and the worker reconnects.
+Redis's unacked index, under the closed channel's own owner name, which the worker no longer keeps
+alive: a sweeper returns them within seconds (``protocol/ownership.py``). So the attempt is
+dropped with a log line and the worker reconnects, with a new channel and a new owner name.
 
 And: stock kombu takes a message with ``BRPOP`` and only then, from Python, records it in the
 unacked index that redelivers a dead worker's messages. A worker killed in between (or while
@@ -104,8 +105,8 @@ class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
         try:
             super().restore_unacked(client)
         except (AttributeError, *kombu_redis.get_redis_error_classes().connection_errors) as error:
-            log.warning("unacknowledged messages not restored now (%r): they return after the "
-                        "visibility timeout", error)
+            log.warning("unacknowledged messages not restored now (%r): they return once this "
+                        "channel's claim lapses", error)
             self._delivered.clear()
 
 
@@ -116,8 +117,23 @@ class SafeChannel(kombu_redis.Channel):  # type: ignore[misc]
     _idle_until = 0.0  # with the worker's event loop: no pop before this (after an empty one)
     _sent = "BRPOP"
     farm_owner = ""
-    """This worker process's owner name (``protocol.ownership``); empty: pops record no owner."""
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "farm_owner")  # type: ignore[assignment]
+    """The owner name its pops record (``protocol.ownership``); empty: pops record no owner."""
+    farm_claims: ownership.Liveness | None = None
+    """The worker process's claims: given, the channel claims under a name of its own, for as long
+    as it is open. A channel dropped with Redis (a restart) takes its delivered messages with it,
+    while Redis still lists them as reserved: they must not stay held by the live process."""
+    from_transport_options = (*kombu_redis.Channel.from_transport_options,  # type: ignore[assignment]
+                              "farm_owner", "farm_claims")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.farm_claims is not None:
+            self.farm_owner = self.farm_claims.claim()
+
+    def close(self) -> None:
+        if self.farm_claims is not None:  # first: whatever the close meets, the claim lapses
+            self.farm_claims.release(self.farm_owner)
+        super().close()
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self._atomic_pop or self.global_keyprefix:
