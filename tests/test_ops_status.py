@@ -22,11 +22,13 @@ def farm_status(worker: WorkerProcess, columns: int, *args: str) -> str:
 
 
 def cells(screen: str) -> list[str]:
-    """The text of every table cell (header and body) on ``screen``."""
+    """The text of every table cell (header and body) on ``screen``; a line whose first cell is
+    empty continues the row above (a long cell wrapped), so only its non-empty cells count."""
     found = []
     for line in screen.splitlines():
         if line[:1] in VERTICAL:
-            found += [cell.strip() for cell in line.strip(VERTICAL).replace("┃", "│").split("│")]
+            row = [cell.strip() for cell in line.strip(VERTICAL).replace("┃", "│").split("│")]
+            found += row if row[0] else [cell for cell in row if cell]
     return found
 
 
