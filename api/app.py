@@ -138,7 +138,10 @@ def create_app(settings: FarmSettings, keys: Keys) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(BLOCKING_THREADS, "farm"))
+        runner = api.farm.client.job_runner().start() if settings.job_runner else None
         yield
+        if runner is not None:
+            await asyncio.to_thread(runner.stop)
         await api.farm.close()
 
     app = FastAPI(title="batchfarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

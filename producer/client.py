@@ -24,6 +24,7 @@ from producer.connection import (CLIENT_RETRIES, OUTAGE_GRACE, READY_STATES, Eve
                                  Reachable, result_from_meta)
 from producer.follow import Follower, follow
 from producer.jobs import Job
+from producer.jobs.runner import JobRunner
 
 __all__ = ["CLIENT_RETRIES", "OUTAGE_GRACE", "READY_STATES", "FarmClient", "RequestHandle", "RequestStatus",
            "result_from_meta"]
@@ -89,17 +90,26 @@ class FarmClient:
 
     # --- bulk jobs (producer/jobs/) ---------------------------------------------------------
     def submit_job(self, prompts: Iterable[Any], job_id: str | None = None, *, total: int | None = None,
-                   window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
+                   window: int | None = None, fingerprint: str | None = None, detach: bool = False,
+                   **params: Any) -> Job:
         """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
         the ``bulk`` queue, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
         ``<job_id>:<i>``. Resubmitting a job id with the same prompts sends only the rows never sent;
-        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``."""
+        with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``.
+
+        ``detach=True`` hands the job to the farm: its rows are stored in Redis and sent by the job
+        runner of any ``farm api`` process (one at a time, taken over when it dies), so the job
+        goes on once this process exits; the ``Job`` returned only follows it."""
         return Job.submit(self.connection, self.limits(), prompts, job_id, total=total, window=window,
-                          fingerprint=fingerprint, **params)
+                          fingerprint=fingerprint, detach=detach, **params)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job submitted by any process: progress, results, cancel, retry."""
         return Job.attach(self.connection, self.limits(), job_id)
+
+    def job_runner(self) -> JobRunner:
+        """A runner of detached jobs in this process (``start()`` it; ``farm api`` runs one)."""
+        return JobRunner(self.connection, self.limits)
 
     # --- the farm's state ---------------------------------------------------------------------
     def limits(self) -> Limits:
