@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 
 from bench.api import ApiProcess
 from protocol.names import executions_key, job_key
-from tests.conftest import ROOT, RedisServer
-from tests.test_api import api_server, oai  # noqa: F401 - the same API process and SDK client fixtures
+from tests.api_server import start_api
+from tests.conftest import ROOT, RedisServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +26,18 @@ BATCH_FIELDS = {"id", "object", "endpoint", "errors", "input_file_id", "completi
                 "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
                 "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts",
                 "metadata"}
+
+
+@pytest.fixture(scope="module")
+def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    server = start_api(farm_worker.redis_url, tmp_path_factory.mktemp("api-batch"))
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def oai(api_server: ApiProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def jsonl(lines: list[Any]) -> bytes:
