@@ -4,6 +4,8 @@ pumps the batch's job), Redis and worker (tiny model)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,9 +17,9 @@ import openai
 import pytest
 
 from bench.api import ApiProcess
-from protocol.names import executions_key, job_key
+from protocol.names import JobKeys, executions_key, job_key
 from tests.api_server import start_api
-from tests.conftest import ROOT, RedisServer, WorkerProcess
+from tests.conftest import ROOT, RedisServer, WorkerProcess, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,39 @@ def test_cancel_mid_batch_keeps_the_finished_rows_and_never_runs_the_rest(
     ran = {k.decode() for k in counts if k.decode().startswith(f"{batch.id}:")}
     assert all(int(counts[k.encode()]) == 1 for k in ran)
     assert len(ran) < 80  # the rows not started never ran
+
+
+@pytest.mark.slow
+def test_a_2000_line_batch_survives_its_client_its_pumping_replica_and_a_worker(
+        redis_server: RedisServer, tiny_model: Path, tmp_path: Path) -> None:
+    url, db = redis_server.url(12), redis_server.client(12)
+    db.flushdb()
+    settings = {"count_executions": 1, "heartbeat_seconds": 2.0, "max_inflight": 32}
+    victim = start_worker(url, tiny_model, tmp_path, name="victim@batch", **settings)
+    other = start_worker(url, tiny_model, tmp_path, name="other@batch", **settings)
+    first, second = start_api(url, tmp_path / "a"), start_api(url, tmp_path / "b")
+    try:
+        lines = [chat_line(f"row-{i}", f"Survive {i}", max_tokens=4) for i in range(2000)]
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(jsonl(lines))
+        made = subprocess.run([sys.executable, "-c", CREATE_AND_EXIT, first.base_url, str(source)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, check=True)
+        batch_id = made.stdout.strip()  # the client exited
+        oai = openai.OpenAI(base_url=second.base_url, api_key="unused", max_retries=2, timeout=120)
+        counted = lambda: oai.batches.retrieve(batch_id).request_counts.completed  # noqa: E731
+        wait_until(lambda: db.get(JobKeys(batch_id).producer) and counted() >= 100, 300, "the batch did not run")
+        holder = int(db.get(JobKeys(batch_id).producer).decode().split(":")[1])  # type: ignore[union-attr]
+        pumping = first if holder == first.process.pid else second
+        os.kill(pumping.process.pid, signal.SIGKILL)  # the other replica takes the job over
+        oai = openai.OpenAI(base_url=(second if pumping is first else first).base_url, api_key="unused",
+                            max_retries=2, timeout=120)
+        reached = counted()
+        wait_until(lambda: counted() >= reached + 100, 300, "the surviving replica did not take over")
+        os.kill(victim.process.pid, signal.SIGKILL)  # a worker dies mid-batch: its rows come back
+        done = wait_status(oai, batch_id, ("completed", "failed", "expired"), timeout=900)
+        output = read_file(oai, done.output_file_id)
+    finally:
+        for process in (first, second, victim, other):
+            process.close() if isinstance(process, ApiProcess) else process.stop()
+    assert done.status == "completed" and done.error_file_id is None
+    assert len(output) == 2000 and sorted(r["custom_id"] for r in output) == sorted(f"row-{i}" for i in range(2000))
