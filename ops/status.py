@@ -8,6 +8,7 @@ the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -74,7 +75,8 @@ def snapshot(settings: FarmSettings) -> dict[str, Any]:
 
     client = FarmClient(settings=settings)
     client.ping()
-    return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "queues": client.queue_depths()}
+    return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "queues": client.queue_depths(),
+            "jobs": client.detached_jobs()}
 
 
 def render(state: dict[str, Any], console: Console) -> None:
@@ -83,6 +85,19 @@ def render(state: dict[str, Any], console: Console) -> None:
     if not state["workers"]:
         console.print("No worker online: start one with `./farm up` or `./farm worker`.")
     console.print(queues_table(state["queues"]))
+    if state.get("jobs"):
+        console.print(jobs_table(state["jobs"]))
+
+
+def jobs_table(jobs: list[Any]) -> Table:
+    """The server-side jobs running (``farm submit --detach``, API batches)."""
+    table = Table(title="Server-side jobs", title_justify="left")
+    for name in ("job", "state", "done", "failed", "pending", "rows/s"):
+        table.add_column(name, justify="left" if name in ("job", "state") else "right")
+    for p in jobs:
+        table.add_row(p.job_id, p.state, f"{p.completed}/{'?' if p.total is None else p.total}", str(p.failed),
+                      str(p.pending), f"{p.rows_per_second:.1f}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farm status: {error.message}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]]}, indent=2))
+        print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]],
+                          "jobs": [dataclasses.asdict(p) for p in state["jobs"]]}, indent=2))
     else:
         render(state, Console())
     return 0

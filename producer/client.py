@@ -23,7 +23,8 @@ from protocol.settings import FarmSettings
 from producer.connection import (CLIENT_RETRIES, OUTAGE_GRACE, READY_STATES, Events, FarmConnection, Outage,
                                  Reachable, result_from_meta)
 from producer.follow import Follower, follow
-from producer.jobs import Job
+from producer.jobs import Job, JobProgress
+from producer.jobs.detached import DetachedJobs
 from producer.jobs.runner import JobRunner
 
 __all__ = ["CLIENT_RETRIES", "OUTAGE_GRACE", "READY_STATES", "FarmClient", "RequestHandle", "RequestStatus",
@@ -106,6 +107,16 @@ class FarmClient:
     def job(self, job_id: str) -> Job:
         """Reattach to a job submitted by any process: progress, results, cancel, retry."""
         return Job.attach(self.connection, self.limits(), job_id)
+
+    def detached_jobs(self) -> list[JobProgress]:
+        """Where each detached job not ended stands (``farm status`` lists them)."""
+        progress = []
+        for job_id in DetachedJobs(self.connection).ids():
+            try:
+                progress.append(self.job(job_id).progress())
+            except RequestError:  # ended and expired since the registry was read
+                continue
+        return progress
 
     def job_runner(self) -> JobRunner:
         """A runner of detached jobs in this process (``start()`` it; ``farm api`` runs one)."""

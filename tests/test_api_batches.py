@@ -188,3 +188,21 @@ def test_a_2000_line_batch_survives_its_client_its_pumping_replica_and_a_worker(
             process.close() if isinstance(process, ApiProcess) else process.stop()
     assert done.status == "completed" and done.error_file_id is None
     assert len(output) == 2000 and sorted(r["custom_id"] for r in output) == sorted(f"row-{i}" for i in range(2000))
+
+
+def test_a_batch_past_its_window_expires_with_the_unfinished_rows_as_batch_expired(
+        farm_worker: WorkerProcess, tmp_path: Path) -> None:
+    server = start_api(farm_worker.redis_url, tmp_path, batch_window_seconds=3)
+    try:
+        oai = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        lines = [chat_line(f"late-{i}", f"An endless story {i}", max_tokens=1024, ignore_eos=True) for i in range(60)]
+        source = oai.files.create(file=("late.jsonl", jsonl(lines)), purpose="batch")
+        batch = oai.batches.create(input_file_id=source.id, endpoint=CHAT_URL, completion_window="24h")
+        assert batch.expires_at - batch.created_at == 3  # type: ignore[operator]
+        done = wait_status(oai, batch.id, ("expired", "completed"))
+        output, errors = read_file(oai, done.output_file_id), read_file(oai, done.error_file_id)
+    finally:
+        server.close()
+    assert done.status == "expired" and done.expired_at and done.finalizing_at
+    assert len(output) + len(errors) == 60
+    assert errors and all(r["error"]["code"] == "batch_expired" and r["response"] is None for r in errors)

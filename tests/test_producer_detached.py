@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from rich.console import Console
+
+from ops.status import render, snapshot
 from producer import FarmClient
 from protocol.names import DETACHED_JOBS, JobKeys, executions_key
 from tests.api_server import start_api
@@ -31,6 +34,12 @@ def test_a_detached_job_waits_for_a_runner_and_runs_with_no_client(client: FarmC
     job.close()
     assert job.progress().sent == 0 and job.progress().total == 40  # nobody pumps it yet
     assert client.redis.zscore(DETACHED_JOBS, "detached-a") is not None
+    state = snapshot(client.settings)  # farm status lists it
+    assert "detached-a" in [p.job_id for p in state["jobs"]]
+    console = Console(record=True, width=200)
+    render(state, console)
+    text = console.export_text()
+    assert "Server-side jobs" in text and "detached-a" in text and "0/40" in text
     server = start_api(client.settings.redis_url, tmp_path)
     try:
         follower = client.job("detached-a")
