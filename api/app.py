@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from api.errors import ApiError, from_farm
+from api.errors import ApiError, from_farm, read_json
+from api.batch_keeper import BatchKeeper
+from api.batch_routes import batch_routes
 from api.farm import Farm, served_models
+from api.files import FileStore
 from api.keys import KeyLimits, Keys
 from api.metrics import ApiMetrics, Observation
 from api.responses import model_card, model_list
@@ -52,7 +54,7 @@ class Api:
         lease = None
         try:
             key = self.keys.check(request.headers.get("authorization"))
-            call = parse(await _json(request))
+            call = parse(await read_json(request))
             farm_requests = await self.service.prepare(call, obs)
             lease = await self.limits.acquire(key)
             request_ids = await self.farm.send(farm_requests, queue_of(request))
@@ -125,25 +127,24 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON ({error})", None, "invalid_json") from None
-
-
 def create_app(settings: FarmSettings, keys: Keys) -> FastAPI:
     api = Api(settings, keys)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(BLOCKING_THREADS, "farm"))
+        runner = api.farm.client.job_runner().start() if settings.job_runner else None
+        keeper = BatchKeeper(api.farm.client, FileStore(api.farm.client.redis, settings)).start()
         yield
+        await asyncio.to_thread(keeper.stop)
+        if runner is not None:
+            await asyncio.to_thread(runner.stop)
         await api.farm.close()
 
     app = FastAPI(title="batchfarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
     _routes(app, api)
+    batch_routes(app, api)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:

@@ -3,11 +3,15 @@ status each SDK maps to its exception class."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from starlette.requests import Request
 
 from protocol.errors import ErrorCode, FarmError, FarmUnavailable, RequestError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         409: "invalid_request_error",
          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 REQUEST_CODES = {ErrorCode.INVALID_REQUEST.value, ErrorCode.PROMPT_TOO_LONG.value,
                  ErrorCode.UNKNOWN_ADAPTER.value}
@@ -55,3 +59,11 @@ def from_result_error(error: dict[str, str], rename: dict[str, str] | None = Non
     code = error.get("code", "")
     known = code if code in ErrorCode.__members__.values() else ErrorCode.INTERNAL.value
     return from_farm(FarmError(known, error.get("message", "")), rename)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's body as json, or a 400 saying why not."""
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON ({error})", None, "invalid_json") from None

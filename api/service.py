@@ -19,7 +19,7 @@ from api.metrics import Observation
 from api.responses import DONE, Reply, finish_reason, sse
 from api.translate import ApiCall
 from protocol.errors import ErrorCode, RequestError
-from protocol.schema import GenerationRequest, GenerationResult
+from protocol.schema import GenerationRequest, GenerationResult, Limits
 from protocol.settings import FarmSettings
 
 
@@ -40,18 +40,8 @@ class Service:
         if not workers:
             raise ApiError(503, "no worker is serving: start one with `./farm worker` (or `./farm up`)",
                            None, ErrorCode.NO_WORKER.value, retry_after=5)
-        served = served_models(workers)
-        if call.model not in served:
-            raise ApiError(404, f"model {call.model!r} is not served here (served: {', '.join(served)})",
-                           "model", "model_not_found")
+        requests = farm_requests(call, served_models(workers), self.farm.limits(workers))
         obs.model = call.model
-        limits = self.farm.limits(workers)
-        try:
-            base = call.model.split(ADAPTER_SEPARATOR)[0]  # routing names the model, the adapter apart
-            rows = call.farm_requests(served[call.model], base)
-            requests = [GenerationRequest.from_dict(d, limits) for d in rows]
-        except RequestError as error:
-            raise from_farm(error, call.rename) from None
         await self._check_queue()
         return requests
 
@@ -101,6 +91,20 @@ class Service:
             with anyio.CancelScope(shield=True):
                 obs.done(200)
                 await self.limits.release(lease)
+
+
+def farm_requests(call: ApiCall, served: dict[str, str | None], limits: Limits) -> list[GenerationRequest]:
+    """The call's farm requests, validated by the farm's own rules (the online endpoints and
+    each line of a batch alike); an unknown model is a 404."""
+    if call.model not in served:
+        raise ApiError(404, f"model {call.model!r} is not served here (served: {', '.join(served)})",
+                       "model", "model_not_found")
+    try:
+        base = call.model.split(ADAPTER_SEPARATOR)[0]  # routing names the model, the adapter apart
+        rows = call.farm_requests(served[call.model], base)
+        return [GenerationRequest.from_dict(d, limits) for d in rows]
+    except RequestError as error:
+        raise from_farm(error, call.rename) from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -118,7 +119,7 @@ def snapshot(settings: FarmSettings) -> dict[str, Any]:
     client = FarmClient(settings=settings)
     client.ping()
     return {"redis": settings.redacted_redis_url(), "workers": client.heartbeats(), "models": client.models(),
-            "queues": client.queue_depths()}
+            "queues": client.queue_depths(), "jobs": client.detached_jobs()}
 
 
 def print_unshrunk(table: Table, console: Console) -> None:
@@ -149,6 +150,19 @@ def render(state: dict[str, Any], console: Console, wide: bool = False) -> None:
     if state.get("models") or any("." in q for q in state["queues"]):
         console.print(models_table(state.get("models", []), state["queues"]))
     console.print(queues_table(state["queues"]))
+    if state.get("jobs"):
+        console.print(jobs_table(state["jobs"]))
+
+
+def jobs_table(jobs: list[Any]) -> Table:
+    """The server-side jobs running (``farm submit --detach``, API batches)."""
+    table = Table(title="Server-side jobs", title_justify="left")
+    for name in ("job", "state", "done", "failed", "pending", "rows/s"):
+        table.add_column(name, justify="left" if name in ("job", "state") else "right")
+    for p in jobs:
+        table.add_row(p.job_id, p.state, f"{p.completed}/{'?' if p.total is None else p.total}", str(p.failed),
+                      str(p.pending), f"{p.rows_per_second:.1f}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps({**state, "workers": [w.to_dict() for w in state["workers"]],
-                          "models": [m.to_dict() for m in state["models"]]}, indent=2))
+                          "models": [m.to_dict() for m in state["models"]],
+                          "jobs": [dataclasses.asdict(p) for p in state["jobs"]]}, indent=2))
     else:
         render(state, Console(), wide=args.wide)
     return 0

@@ -29,7 +29,8 @@ from protocol.settings import FarmSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 USAGE = """usage: farm submit FILE -o OUT [--job-id ID] [--max-new-tokens N ...]
-       farm job status|cancel ID
+       farm submit FILE --detach [--job-id ID] [--max-new-tokens N ...]
+       farm job status|cancel|results ID [-o OUT]
        farm generate PROMPT [--max-new-tokens N ...]"""
 
 
@@ -95,7 +96,10 @@ def submit_parser() -> argparse.ArgumentParser:
         prog="farm submit", description="Run a bulk job from a prompt file; results in input order, "
         "resumable: rerun the same command (or pass the same --job-id) after an interruption.")
     parser.add_argument("file", type=Path, help="prompts: JSONL, CSV (with a header) or text, one per line")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="results, JSONL in input order")
+    parser.add_argument("-o", "--output", type=Path, help="results, JSONL in input order (required "
+                        "unless --detach)")
+    parser.add_argument("--detach", action="store_true", help="hand the job to the farm (its `farm api` "
+                        "processes send it) and print its id at once; `farm job results ID` reads it")
     parser.add_argument("--job-id", help="default: the job already in OUT, else derived from the prompts")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="default: by file extension")
     parser.add_argument("--column", default="prompt", help="CSV column holding the prompt")
@@ -109,6 +113,10 @@ def submit_command(argv: list[str]) -> int:
     args = submit_parser().parse_args(argv)
     settings = FarmSettings.from_env()
     params = request_params(args)
+    if args.detach:
+        return detach_command(args, settings, params)
+    if args.output is None:
+        return _fail("submit", "-o/--output is required (or --detach)", EXIT_INPUT)
     if args.output.resolve() == args.file.resolve():
         return _fail("submit", f"{args.output}: the output file is the prompt file", EXIT_INPUT)
     # Everything is checked before the output file is touched: no partial garbage on error.
@@ -129,6 +137,20 @@ def submit_command(argv: list[str]) -> int:
             return _fail("submit", f"interrupted; rerun the same command to resume job {job.id}", EXIT_INTERRUPTED)
         print(job.progress().summary(), file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def detach_command(args: argparse.Namespace, settings: FarmSettings, params: dict[str, Any]) -> int:
+    """``farm submit --detach``: check and store the rows, print the job id, return."""
+    summary = check_rows(args.file, params, Limits.from_settings(settings), args.format, args.column)
+    client = _client(args, settings)
+    check_named(args.file, summary, client.limits())
+    rows = (row.data for row in iter_rows(args.file, args.format, args.column))
+    job = client.submit_job(rows, args.job_id or f"j{summary.fingerprint[:20]}", total=summary.rows,
+                            window=args.window, fingerprint=summary.fingerprint, detach=True, **params)
+    print(job.id)
+    print(f"farm submit: job {job.id} ({summary.rows} rows) handed to the farm; follow it with "
+          f"`farm job status {job.id}`, read it with `farm job results {job.id}`", file=sys.stderr)
+    return EXIT_OK
 
 
 def _announce(job: Job, total: int, written: Written, output: Path) -> None:
@@ -222,13 +244,16 @@ def _update_bar(bar: Any, task: Any, p: JobProgress) -> None:
 
 # --- farm job -------------------------------------------------------------------------------------
 def job_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="farm job", description="Follow or stop a bulk job by id.")
-    parser.add_argument("action", choices=("status", "cancel"))
+    parser = argparse.ArgumentParser(prog="farm job", description="Follow, stop or read a bulk job by id.")
+    parser.add_argument("action", choices=("status", "cancel", "results"))
     parser.add_argument("job_id")
     parser.add_argument("--json", action="store_true", help="status as one JSON object")
+    parser.add_argument("-o", "--output", type=Path, help="results: write them here (default: stdout)")
     parser.add_argument("--redis-url", help="the farm's Redis (default: FARM_REDIS_URL)")
     args = parser.parse_args(argv)
     job = _client(args).job(args.job_id)
+    if args.action == "results":
+        return results_command(job, args.output)
     if args.action == "cancel":
         job.cancel()
     progress = job.progress()
@@ -237,6 +262,23 @@ def job_command(argv: list[str]) -> int:
     else:
         print(progress.summary())
     return EXIT_OK
+
+
+def results_command(job: Job, output: Path | None) -> int:
+    """``farm job results ID``: every row's result in input order as JSONL (waiting for rows
+    still running), in the format of ``farm submit``'s output."""
+    failed = 0
+    with job, (open(output, "w", encoding="utf-8") if output else _stdout()) as handle:
+        for index, result in enumerate(job.results()):
+            handle.write(result_line(job.id, index, result))
+            failed += result.finish_reason not in ("length", "stop")
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+@contextmanager
+def _stdout() -> Iterator[IO[str]]:
+    yield sys.stdout
+    sys.stdout.flush()
 
 
 # --- farm generate --------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from protocol.settings import FarmSettings
 from producer.connection import (CLIENT_RETRIES, OUTAGE_GRACE, READY_STATES, Events, FarmConnection, Outage,
                                  Reachable, result_from_meta)
 from producer.follow import Follower, follow
-from producer.jobs import Job
+from producer.jobs import Job, JobProgress
+from producer.jobs.detached import DetachedJobs
+from producer.jobs.runner import JobRunner
 
 __all__ = ["CLIENT_RETRIES", "OUTAGE_GRACE", "READY_STATES", "FarmClient", "RequestHandle", "RequestStatus",
            "result_from_meta"]
@@ -101,19 +103,38 @@ class FarmClient:
 
     # --- bulk jobs (producer/jobs/) ---------------------------------------------------------
     def submit_job(self, prompts: Iterable[Any], job_id: str | None = None, *, total: int | None = None,
-                   window: int | None = None, fingerprint: str | None = None, **params: Any) -> Job:
+                   window: int | None = None, fingerprint: str | None = None, detach: bool = False,
+                   **params: Any) -> Job:
         """Run many prompts (strings, or dicts with ``prompt``/``messages`` and per-row params) on
         the ``bulk`` queues, at most ``window`` (``FARM_JOB_WINDOW``) outstanding; row ``i`` is task
         ``<job_id>:<i>``. Resubmitting a job id with the same prompts sends only the rows never sent;
         with other prompts (or parameters) it is refused with a ``RequestError`` naming ``job_id``.
         ``model=`` (or a row's own ``model``) routes rows to that model's queue; one job may mix
-        models, and rows of a model whose workers are all down wait in its queue."""
+        models, and rows of a model whose workers are all down wait in its queue.
+
+        ``detach=True`` hands the job to the farm: its rows are stored in Redis and sent by the job
+        runner of any ``farm api`` process (one at a time, taken over when it dies), so the job
+        goes on once this process exits; the ``Job`` returned only follows it."""
         return Job.submit(self.connection, self.limits(), prompts, job_id, total=total, window=window,
-                          fingerprint=fingerprint, **params)
+                          fingerprint=fingerprint, detach=detach, **params)
 
     def job(self, job_id: str) -> Job:
         """Reattach to a job submitted by any process: progress, results, cancel, retry."""
         return Job.attach(self.connection, self.limits(), job_id)
+
+    def detached_jobs(self) -> list[JobProgress]:
+        """Where each detached job not ended stands (``farm status`` lists them)."""
+        progress = []
+        for job_id in DetachedJobs(self.connection).ids():
+            try:
+                progress.append(self.job(job_id).progress())
+            except RequestError:  # ended and expired since the registry was read
+                continue
+        return progress
+
+    def job_runner(self) -> JobRunner:
+        """A runner of detached jobs in this process (``start()`` it; ``farm api`` runs one)."""
+        return JobRunner(self.connection, self.limits)
 
     # --- the farm's state ---------------------------------------------------------------------
     def limits(self) -> Limits:

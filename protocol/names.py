@@ -101,12 +101,14 @@ class JobKeys:
     - ``sending``: set of the rows of the chunk being enqueued right now (a producer killed in the
       middle of a chunk leaves them there for the next one to settle)
     - ``producer``: the lease of the one process that sends the job's rows
+    - ``input``: list of the rows (json) of a detached job, read by whichever process pumps it
     """
 
     def __init__(self, job_id: str) -> None:
         self.info = job_key(job_id)
         self.sent, self.ok, self.failed, self.cancelled, self.rows, self.sending, self.producer = (
             f"{self.info}:{name}" for name in ("sent", "ok", "failed", "cancelled", "rows", "sending", "producer"))
+        self.input = f"{self.info}:input"
 
     def bitmaps(self) -> list[str]:
         """sent, ok, failed, cancelled: the order ``producer.jobs.book_from_bitmaps`` takes them."""
@@ -114,7 +116,12 @@ class JobKeys:
 
     def all(self) -> list[str]:
         """The keys that expire with the job (the lease expires by itself)."""
-        return [self.info, *self.bitmaps(), self.rows, self.sending]
+        return [self.info, *self.bitmaps(), self.rows, self.sending, self.input]
+
+
+DETACHED_JOBS = f"{PREFIX}jobs:detached"
+"""Sorted set of the detached jobs (job id -> time registered): jobs that run with no client
+attached, pumped by any process running a ``JobRunner`` (every ``farm api``)."""
 
 
 # kombu's Redis transport keeps the messages a worker reserved (delivered, not yet acknowledged)

@@ -142,6 +142,17 @@ class FarmSettings:
     """Most requests waiting in the interactive queue before ``farm api`` answers 429."""
     job_window: int = 256
     """Most messages of one bulk job outstanding in Redis at once."""
+    job_runner: int = 1
+    """1: every ``farm api`` process also runs detached jobs (``farm submit --detach``, the Batch
+    API), each pumped by one process at a time and taken over when it dies; 0: this one does not."""
+    file_max_bytes: int = 104857600
+    """Largest file ``POST /v1/files`` takes (100 MiB; files live in Redis, shared by every API
+    replica). A batch input file also holds at most 50,000 requests, as OpenAI's."""
+    file_ttl: int = 604800
+    """Seconds an uploaded file (and a batch's output and error files) stays, its ``expires_at``."""
+    batch_window_seconds: int = 86400
+    """Seconds a batch has to finish (its ``completion_window``, ``24h`` as OpenAI's); rows not
+    finished by then go to its error file as ``batch_expired``."""
     count_executions: int = 0
     """1: workers count executions per request id in Redis (tests, reliability reports)."""
     inject_faults: int = 0
@@ -166,7 +177,8 @@ class FarmSettings:
         _check_choice("template", self.template, TEMPLATE_CHOICES)
         _check_choice("strategy", self.strategy, STRATEGY_CHOICES)
         for name in ("max_batch_size", "max_batch_tokens", "max_inflight", "max_new_tokens",
-                     "max_prompt_tokens", "max_prompt_chars", "job_window", "api_max_queue"):
+                     "max_prompt_tokens", "max_prompt_chars", "job_window", "api_max_queue",
+                     "file_max_bytes", "file_ttl", "batch_window_seconds"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"FARM_{name.upper()} must be at least 1")
         self.adapter_paths()

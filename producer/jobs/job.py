@@ -24,6 +24,7 @@ from protocol.schema import GenerationRequest, GenerationResult, Limits
 
 from producer.connection import FarmConnection
 from producer.jobs.book import CANCELLED, FAILED, JobProgress, book_from_bitmaps, check_job_id
+from producer.jobs.detached import DetachedJobs
 from producer.jobs.fingerprint import fingerprint_of
 from producer.jobs.lease import Lease
 from producer.jobs.ledger import Ledger
@@ -54,11 +55,13 @@ class Job:
     @classmethod
     def submit(cls, connection: FarmConnection, limits: Limits, prompts: Iterable[Any], job_id: str | None = None,
                *, total: int | None = None, window: int | None = None, fingerprint: str | None = None,
-               **params: Any) -> Job:
+               detach: bool = False, **params: Any) -> Job:
         """Start (or resume) a job; returns once its rows are being sent in the background.
 
         Prompts given as a sequence are fingerprinted here; a lazy source is fingerprinted only
-        if the caller passes ``fingerprint`` (``farm submit`` does, from its check of the file)."""
+        if the caller passes ``fingerprint`` (``farm submit`` does, from its check of the file).
+        ``detach``: the rows are stored in Redis and the farm's job runners send them (no lease
+        is taken here); the job returned follows it."""
         if window is not None and window < 1:
             raise RequestError.for_field("window", f"must be at least 1, got {window}")
         _check_params(params, limits)
@@ -68,6 +71,8 @@ class Job:
             fingerprint = fingerprint_of(prompts, params)
         job = cls(connection, job_id or uuid.uuid4().hex[:16], window or connection.settings.job_window,
                   limits, params)
+        if detach:
+            return job._detach(prompts, total, fingerprint)
         job.lease.acquire()
         try:
             job._load(create=(total, fingerprint))
@@ -76,6 +81,36 @@ class Job:
             job.lease.release()
             raise
         job.sender.feed(enumerate(prompts))
+        job.sender.start()
+        return job
+
+    def _detach(self, prompts: Iterable[Any], total: int | None, fingerprint: str | None) -> Job:
+        self._load(create=(total, fingerprint))
+        registry = DetachedJobs(self.connection)
+        stored = registry.store_rows(self.id, prompts)
+        if total is not None and stored != total:
+            raise RequestError.for_field("prompts", f"job {self.id} has {stored} rows stored, not {total}")
+        self.store.set_total(stored)
+        registry.register(self.id)
+        self._load(create=None)
+        return self
+
+    @classmethod
+    def resume(cls, connection: FarmConnection, limits: Limits, job_id: str) -> Job | None:
+        """Pump a detached job from its stored rows if this process wins its lease (else None)."""
+        job = cls(connection, job_id, connection.settings.job_window, limits, {})
+        if not job.lease.try_acquire():
+            return None
+        try:
+            job._load(create=None)
+            job.sender.settle()
+            with job.ledger.cond:
+                start = next((i for i in range(len(job.ledger.book.states)) if job.ledger.book.untouched(i)),
+                             len(job.ledger.book.states))
+        except BaseException:
+            job.lease.release()
+            raise
+        job.sender.feed(DetachedJobs(connection).rows(job_id, start))
         job.sender.start()
         return job
 

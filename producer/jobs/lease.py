@@ -50,6 +50,21 @@ class Lease:
                 time.sleep(0.2)
         self.token = token
 
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free or its holder on this host is dead; never waits (a job
+        runner scanning many jobs moves on to the next)."""
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        redis = self.connection.redis
+        with self.connection.reachable():
+            if not redis.set(self.key, token, nx=True, ex=self.seconds):
+                if holder_alive(as_text(redis.get(self.key) or b"")) is not False:
+                    return False
+                redis.delete(self.key)
+                if not redis.set(self.key, token, nx=True, ex=self.seconds):
+                    return False
+        self.token = token
+        return True
+
     def refresh(self, pipeline: Pipeline) -> None:
         """Queue a read of the holder and a new expiry; pass the holder read to ``keep``."""
         pipeline.get(self.key)

@@ -310,7 +310,8 @@ class Sender:
         return bool(finished)
 
     def _refresh_sent(self) -> list[int]:
-        """Rows another process sent since this one last looked (a job followed, not sent here)."""
+        """Rows another process sent since this one last looked (a job followed, not sent here),
+        and rows it already finished that this one never saw in flight (they ran between two looks)."""
         self._refreshed = time.monotonic()
         info, bitmaps = self.store.read()
         with self.ledger.cond:
@@ -319,9 +320,12 @@ class Sender:
             total = int(info["total"])
             if total >= 0 and self.ledger.book.total is None:
                 self.ledger.book.set_total(total)
-            for index in book_from_bitmaps(None, *bitmaps).outstanding:
-                self.ledger.book.mark_sent(index)
-            return sorted(self.ledger.book.outstanding)
+            remote = book_from_bitmaps(None, *bitmaps)
+            local = self.ledger.book
+            unseen = [i for i in remote.order if i >= len(local.states) or not local.states[i] & 3]
+            for index in [*remote.outstanding, *unseen]:
+                local.mark_sent(index)
+            return sorted(local.outstanding)
 
     def _record(self, finished: list[tuple[int, GenerationResult]]) -> str:
         """Write outcomes to the job's bitmaps and keep the lease; returns the job's state
