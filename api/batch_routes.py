@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -12,11 +12,19 @@ from starlette.datastructures import UploadFile
 
 from api.batches import Batches
 from api.errors import ApiError, bad_field, read_json
-from api.farm import served_models
+from api.farm import Farm, served_models
 from api.files import FileStore, check_upload, page_limit
+from protocol.settings import FarmSettings
 
-if TYPE_CHECKING:
-    from api.app import Api
+
+class Api(Protocol):
+    """What these routes use of the app (``api.app.Api``), so that this module does not import it."""
+
+    settings: FarmSettings
+    farm: Farm
+
+    async def guarded(self, request: Request, endpoint: str,
+                      answer: Callable[[], Awaitable[Any]]) -> Response: ...
 
 
 class BatchApi:
