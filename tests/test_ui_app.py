@@ -400,7 +400,8 @@ def test_farm_charts_draw_points_on_a_time_axis_and_numeric_axes(apps: dict[str,
         page.get_by_role("tab", name="Farm").click()
         page.get_by_text("No worker online").wait_for(timeout=30000)
         now = time.time()
-        batches = [{"at": now - 40 + 10 * i, "size": size, "tokens": rate * 2, "seconds": 2.0}
+        # Token counts are whole numbers in the heartbeat's schema: 10 s batches give the rates.
+        batches = [{"at": now - 40 + 10 * i, "size": size, "tokens": round(rate * 10), "seconds": 10.0}
                    for i, (size, rate) in enumerate(CHART_BATCHES)]
         record = {"name": "charted@test", "ready": True, "adapters": ["base"], "updated_at": now,
                   "recent_batches": batches}
