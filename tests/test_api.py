@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,23 +11,19 @@ import pytest
 from bench.procs import free_port
 from producer import FarmClient
 from bench.api import ApiProcess
-from tests.api_server import start_api
+from tests.api_server import module_api_server, sdk_client, start_api
 from tests.conftest import RedisServer, WorkerProcess, wait_until
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 LONG = {"max_tokens": 1024, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    server = start_api(farm_worker.redis_url, tmp_path_factory.mktemp("api"))
-    yield server
-    server.close()
+api_server = module_api_server("api")
 
 
 @pytest.fixture()
 def oai(api_server: ApiProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=120)
+    return sdk_client(api_server)
 
 
 def test_models_lists_the_model_and_each_adapter(oai: openai.OpenAI) -> None:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 from bench.api import ApiProcess
 from protocol.names import JobKeys, executions_key, job_key
-from tests.api_server import start_api
+from tests.api_server import module_api_server, sdk_client, start_api
 from tests.conftest import ROOT, RedisServer, WorkerProcess, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -30,16 +29,12 @@ BATCH_FIELDS = {"id", "object", "endpoint", "errors", "input_file_id", "completi
                 "metadata"}
 
 
-@pytest.fixture(scope="module")
-def api_server(farm_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    server = start_api(farm_worker.redis_url, tmp_path_factory.mktemp("api-batch"))
-    yield server
-    server.close()
+api_server = module_api_server("api-batch")
 
 
 @pytest.fixture()
 def oai(api_server: ApiProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.base_url, api_key="unused", max_retries=0, timeout=120)
+    return sdk_client(api_server)
 
 
 def jsonl(lines: list[Any]) -> bytes:
