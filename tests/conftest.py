@@ -27,6 +27,7 @@ pytest_plugins = ["tests.reliability_report"]
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = ROOT / ".farm" / "test-models"
 OUTPUT = ROOT / "test-output"
+DATABASES = 64  # redis-server --databases: one per named test database (RedisServer.db)
 
 
 @dataclass
@@ -35,12 +36,29 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     workdir: Path
     password: str = ""
+    dbs: dict[str, int] = field(default_factory=dict)
 
-    def url(self, db: int = 0) -> str:
+    def db(self, name: str | int = 0) -> int:
+        """The database number of a test's own name: one database per name, never shared by two modules.
+
+        Database 0 is the shared worker's; every other user names its database, so that a module's
+        leftovers (a worker's heartbeat that outlives its fixture for a TTL) never leak into another's.
+        """
+        if isinstance(name, int):
+            if name != 0:
+                raise ValueError(f"name the database (redis_server.url('my-module')), not {name}: numbers collide")
+            return 0
+        if name not in self.dbs:
+            if len(self.dbs) + 1 >= DATABASES:
+                raise RuntimeError(f"more than {DATABASES - 1} named test databases: raise DATABASES")
+            self.dbs[name] = len(self.dbs) + 1
+        return self.dbs[name]
+
+    def url(self, db: str | int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+        return f"redis://{auth}127.0.0.1:{self.port}/{self.db(db)}"
 
-    def client(self, db: int = 0) -> redis.Redis:
+    def client(self, db: str | int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db))
 
     def stop(self) -> None:
@@ -55,7 +73,7 @@ def start_redis(workdir: Path, port: int | None = None, password: str = "",
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir),
-           "--appendonly", "yes" if appendonly else "no", "--logfile", str(workdir / "redis.log")]
+           "--appendonly", "yes" if appendonly else "no", "--databases", str(DATABASES), "--logfile", str(workdir / "redis.log")]
     if password:
         cmd += ["--requirepass", password]
     server = RedisServer(port, subprocess.Popen(cmd), workdir, password)

@@ -152,7 +152,8 @@ def test_unknown_model_is_404_with_the_served_list(oai: openai.OpenAI) -> None:
 
 def test_no_worker_and_no_redis_are_503(redis_server: RedisServer, tmp_path: Path) -> None:
     nobody = f"redis://127.0.0.1:{free_port()}/0"
-    for url in (redis_server.url(5), nobody):  # db 5: no worker beats there
+    empty = redis_server.url("api-no-worker")  # no worker beats there
+    for url in (empty, nobody):
         server = start_api(url, tmp_path)
         try:
             oai = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -160,7 +161,7 @@ def test_no_worker_and_no_redis_are_503(redis_server: RedisServer, tmp_path: Pat
                 oai.chat.completions.create(model="tiny", messages=CHAT)  # type: ignore[arg-type]
             assert caught.value.status_code == 503
             assert caught.value.code in ("no_worker", "redis_unreachable")
-            assert httpx.get(f"{server.root}/health").status_code == (200 if url.endswith("/5") else 503)
+            assert httpx.get(f"{server.root}/health").status_code == (200 if url == empty else 503)
         finally:
             server.close()
 
@@ -168,9 +169,9 @@ def test_no_worker_and_no_redis_are_503(redis_server: RedisServer, tmp_path: Pat
 def test_a_full_queue_is_429_with_retry_after(farm_worker: WorkerProcess, redis_server: RedisServer,
                                              tmp_path: Path) -> None:
     # db 6 holds a copy of the live worker's heartbeat but no worker takes its queue: it fills.
-    url = redis_server.url(6)
+    url = redis_server.url("api-models")
     key = f"farm:worker:{farm_worker.name}"
-    redis_server.client(6).set(key, redis_server.client(0).get(key) or b"")
+    redis_server.client("api-models").set(key, redis_server.client(0).get(key) or b"")
     FarmClient(url).submit("waiting", max_new_tokens=2)
     server = start_api(url, tmp_path, api_max_queue=1)
     try:
@@ -181,7 +182,7 @@ def test_a_full_queue_is_429_with_retry_after(farm_worker: WorkerProcess, redis_
         assert caught.value.response.headers["retry-after"] == "1"
     finally:
         server.close()
-        redis_server.client(6).flushdb()
+        redis_server.client("api-models").flushdb()
 
 
 def test_metrics_count_requests_by_endpoint_model_and_status(oai: openai.OpenAI, api_server: ApiProcess) -> None:
@@ -213,9 +214,9 @@ def test_a_client_that_gives_up_waiting_cancels_its_request(api_server: ApiProce
 def test_the_bulk_queue_header_sends_behind_interactive_traffic(farm_worker: WorkerProcess,
                                                                redis_server: RedisServer, tmp_path: Path) -> None:
     # db 7 holds a copy of the live worker's heartbeat but no worker takes its queues: messages stay.
-    key, db = f"farm:worker:{farm_worker.name}", redis_server.client(7)
+    key, db = f"farm:worker:{farm_worker.name}", redis_server.client("api-metrics")
     db.set(key, redis_server.client(0).get(key) or b"")
-    server = start_api(redis_server.url(7), tmp_path)
+    server = start_api(redis_server.url("api-metrics"), tmp_path)
     try:
         body = {"model": "tiny", "prompt": "batch-like", "max_tokens": 4, "stream": True}
         with httpx.stream("POST", f"{server.base_url}/completions", json=body, headers={"X-Farm-Queue": "bulk"}):

@@ -152,7 +152,7 @@ def test_cancel_mid_batch_keeps_the_finished_rows_and_never_runs_the_rest(
 @pytest.mark.slow
 def test_a_2000_line_batch_survives_its_client_its_pumping_replica_and_a_worker(
         redis_server: RedisServer, tiny_model: Path, tmp_path: Path) -> None:
-    url, db = redis_server.url(12), redis_server.client(12)
+    url, db = redis_server.url("api-batches"), redis_server.client("api-batches")
     db.flushdb()
     settings = {"count_executions": 1, "heartbeat_seconds": 2.0, "max_inflight": 32}
     victim = start_worker(url, tiny_model, tmp_path, name="victim@batch", **settings)

@@ -106,8 +106,8 @@ def test_one_batch_of_two_adapters_equals_each_adapter_alone(runner: Any, strate
 def continuous_worker(redis_server: RedisServer, tiny_model: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """A continuous-batching worker on Redis db 3 (its own queues), adapter ``default`` only."""
-    redis_server.client(3).flushdb()
-    worker = start_worker(redis_server.url(3), tiny_model, tmp_path_factory.mktemp("continuous"),
+    redis_server.client("continuous").flushdb()
+    worker = start_worker(redis_server.url("continuous"), tiny_model, tmp_path_factory.mktemp("continuous"),
                           name="cont@test", strategy="continuous", adapter=tiny_model / "adapter",
                           inject_faults=1, max_batch_size=16, max_wait_ms=20)
     yield worker

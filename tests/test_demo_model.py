@@ -36,7 +36,7 @@ def demo_worker(redis_server: RedisServer, demo_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     # A long batching window, so concurrent requests of several adapters share a batch.
     adapters = served_adapters(demo_model)["FARM_ADAPTERS"]
-    worker = start_worker(redis_server.url(2), demo_model, tmp_path_factory.mktemp("demo-worker"),
+    worker = start_worker(redis_server.url("demo-model"), demo_model, tmp_path_factory.mktemp("demo-worker"),
                           name="demo@test", adapters=adapters, max_batch_size=32, max_wait_ms=300)
     yield worker
     worker.stop()

@@ -32,7 +32,7 @@ def test_cuda_and_host_out_of_memory_are_recognised() -> None:
 def test_out_of_memory_batch_is_split_and_no_request_fails(redis_server: RedisServer, tiny_model: Path) -> None:
     settings = FarmSettings(model=str(tiny_model), inject_faults=1, max_batch_size=8, max_wait_ms=0)
     loaded = load_model(settings)
-    sinks = redis_sinks(connect(redis_server.url(8)), settings)
+    sinks = redis_sinks(connect(redis_server.url("engine")), settings)
     engine = make_engine(settings, loaded, sinks, "engine@test",
                          lambda r: render_prompt(loaded, "none", r.prompt, r.messages))
     prompts = [f"{p} <<oom>>" if i == 5 else p for i, p in enumerate(PROMPTS)]

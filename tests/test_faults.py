@@ -42,7 +42,7 @@ def rows(tag: str, count: int) -> list[str]:
 
 def test_sigkill_of_one_of_two_workers_restores_its_rows_in_seconds(redis_server: RedisServer, tiny_model: Path,
                                                                      tmp_path: Path) -> None:
-    url, db = redis_server.url(11), redis_server.client(11)
+    url, db = redis_server.url("faults-kill"), redis_server.client("faults-kill")
     db.flushdb()
     settings = {"count_executions": 1, "heartbeat_seconds": 2.0, "max_inflight": 32}  # the default heartbeat
     victim = start_worker(url, tiny_model, tmp_path, name="victim@faults", **settings)
@@ -118,7 +118,7 @@ def test_first_result_wins_and_late_duplicate_is_counted(redis_server: RedisServ
     finished request storing the same result again is no duplicate."""
     from protocol.celery_app import make_celery
 
-    url, db = redis_server.url(12), redis_server.client(12)
+    url, db = redis_server.url("faults-redis"), redis_server.client("faults-redis")
     db.flushdb()
     backend = make_celery(FarmSettings(redis_url=url)).backend
     first = {"id": "dup:0", "text": "from the rescuer", "worker": "rescuer@faults"}
@@ -144,11 +144,11 @@ def test_redis_watch_says_unreachable_once_then_back(redis_server: RedisServer) 
     from producer.watch import RedisWatch
 
     said = io.StringIO()
-    watch = RedisWatch(FarmSettings(redis_url=redis_server.url(13)), "submit", said)
+    watch = RedisWatch(FarmSettings(redis_url=redis_server.url("faults-watch")), "submit", said)
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
     watch.check(dead)
     watch.check(dead)
-    watch.check(redis_server.client(13))
+    watch.check(redis_server.client("faults-watch"))
     assert said.getvalue().splitlines() == [
-        f"farm submit: Redis at {redis_server.url(13)} is unreachable, retrying",
-        f"farm submit: Redis at {redis_server.url(13)} is back; carrying on"]
+        f"farm submit: Redis at {redis_server.url("faults-watch")} is unreachable, retrying",
+        f"farm submit: Redis at {redis_server.url("faults-watch")} is back; carrying on"]

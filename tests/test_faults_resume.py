@@ -30,9 +30,9 @@ def prompts(tag: str, count: int) -> list[str]:
 @pytest.fixture()
 def idle_client(redis_server: RedisServer) -> Iterator[FarmClient]:
     """A farm without workers (its own db): messages stay where a test can count them."""
-    redis_server.client(6).flushdb()
-    yield FarmClient(redis_server.url(6))
-    redis_server.client(6).flushdb()
+    redis_server.client("faults-resume").flushdb()
+    yield FarmClient(redis_server.url("faults-resume"))
+    redis_server.client("faults-resume").flushdb()
 
 
 def queued_ids(client: FarmClient) -> list[str]:

@@ -24,7 +24,7 @@ from worker import transport
 pytestmark = pytest.mark.integration
 
 QUEUE = Queue("owned-test", Exchange("owned-test"), routing_key="owned-test")
-DB = 10
+DB = "ownership"
 
 
 @pytest.fixture

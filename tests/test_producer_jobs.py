@@ -148,9 +148,9 @@ def test_interactive_request_is_served_before_the_remaining_bulk_rows(client: Fa
 def idle_client(redis_server: RedisServer) -> Iterator[FarmClient]:
     """A farm without workers (its own Redis db): messages stay in the queue, where a test can
     count them."""
-    redis_server.client(5).flushdb()
-    yield FarmClient(redis_server.url(5))
-    redis_server.client(5).flushdb()
+    redis_server.client("producer-jobs").flushdb()
+    yield FarmClient(redis_server.url("producer-jobs"))
+    redis_server.client("producer-jobs").flushdb()
 
 
 def queued_ids(client: FarmClient) -> list[str]:

@@ -23,9 +23,9 @@ from tests.conftest import RedisServer
 
 @pytest.fixture()
 def connection(redis_server: RedisServer) -> Iterator[FarmConnection]:
-    redis_server.client(11).flushdb()
-    yield FarmConnection(dataclasses.replace(FarmSettings.from_env(), redis_url=redis_server.url(11)))
-    redis_server.client(11).flushdb()
+    redis_server.client("producer-store").flushdb()
+    yield FarmConnection(dataclasses.replace(FarmSettings.from_env(), redis_url=redis_server.url("producer-store")))
+    redis_server.client("producer-store").flushdb()
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module", params=["int8", "nf4"])
 def quant_worker(request: pytest.FixtureRequest, redis_server: RedisServer, tiny_model: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    db = {"int8": 1, "nf4": 2}[request.param]
+    db = f"quantized-{request.param}"
     worker = start_worker(redis_server.url(db), tiny_model, tmp_path_factory.mktemp(request.param),
                           name=f"{request.param}@test", quant=request.param, adapter=tiny_model / "adapter",
                           max_wait_ms=50)

@@ -53,7 +53,7 @@ def collect(client: FarmClient, ids: list[str], timeout: float) -> list[str]:
 
 
 def test_worker_killed_mid_batch_loses_nothing(redis_server, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url = redis_server.url(6)
+    url = redis_server.url("reliability-kill")
     settings = {"count_executions": 1, "visibility_timeout": 4, "max_inflight": 32}
     first = start_worker(url, tiny_model, tmp_path, name="doomed@test", **settings)
     client = FarmClient(url)
@@ -102,7 +102,7 @@ def test_redis_restart_mid_job_completes(tiny_model: Path, tmp_path: Path) -> No
 
 
 def test_load_5000_requests_8_threads(redis_server, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url = redis_server.url(7)
+    url = redis_server.url("reliability-restart")
     worker = start_worker(url, tiny_model, tmp_path, name="load@test", count_executions=1,
                           max_batch_size=32, max_inflight=128)
     client = FarmClient(url)

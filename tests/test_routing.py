@@ -27,7 +27,7 @@ from tests.conftest import (MODEL_CACHE, ROOT, RedisServer, WorkerProcess, free_
                             wait_until)
 from tests.helpers import PROMPTS, reference_text
 
-DB = 7
+DB = "routing"
 SECOND_SEED = 7
 
 

@@ -23,8 +23,8 @@ QUEUE = Queue("transport-test", Exchange("transport-test"), routing_key="transpo
 
 @pytest.fixture
 def connection(redis_server: RedisServer) -> Iterator[Connection]:
-    redis_server.client(9).flushdb()
-    conn = Connection(redis_server.url(9), transport=transport.SafeTransport,
+    redis_server.client("transport").flushdb()
+    conn = Connection(redis_server.url("transport"), transport=transport.SafeTransport,
                       transport_options={"visibility_timeout": 1})
     yield conn
     conn.release()
@@ -61,7 +61,7 @@ def test_popped_message_is_unacked_atomically_and_restored_intact(connection: Co
     publish(connection, [{"n": 1, "text": "ünïcode [] {} 1.0000000000000002"}])
     seen = pop_and_die(connection)
     assert len(seen) == 1
-    db = redis_server.client(9)
+    db = redis_server.client("transport")
     assert db.llen(QUEUE.name) == 0  # it left the queue...
     tag = seen[0]["properties"]["delivery_tag"]
     assert db.zscore("unacked_index", tag) is not None  # ...and is recorded for redelivery
@@ -70,7 +70,7 @@ def test_popped_message_is_unacked_atomically_and_restored_intact(connection: Co
     assert (exchange, routing_key) == (QUEUE.exchange.name, QUEUE.routing_key)
 
     time.sleep(1.2)  # past the visibility timeout
-    fresh = Connection(redis_server.url(9), transport=transport.SafeTransport,
+    fresh = Connection(redis_server.url("transport"), transport=transport.SafeTransport,
                        transport_options={"visibility_timeout": 1})
     try:
         fresh.default_channel.qos.restore_visible(num=None, interval=1)
@@ -85,7 +85,7 @@ def test_popped_message_is_unacked_atomically_and_restored_intact(connection: Co
 
 
 def test_malformed_item_is_returned_unrecorded(connection: Connection, redis_server: RedisServer) -> None:
-    db = redis_server.client(9)
+    db = redis_server.client("transport")
     publish(connection, [{"n": 0}])  # declares the queue and its binding
     db.delete(QUEUE.name)
     db.lpush(QUEUE.name, b"{this is not json")

@@ -29,8 +29,8 @@ from tests.ui_browser import CLOCK, browser_page, read_chart
 
 pytestmark = pytest.mark.integration
 
-IDLE_DB = 11  # a db no worker serves; this module's own
-CHART_DB = 12  # the charts' test: heartbeats written by hand
+IDLE_DB = "ui-idle"  # a db no worker serves; this module's own
+CHART_DB = "ui-charts"  # the charts' test: heartbeats written by hand
 AUTH = ("tester", "s3cret")
 FLOWER_PORT = "5599"
 CHROMIUM = "/usr/bin/chromium"
