@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,14 +60,19 @@ def test_a_key_over_its_requests_per_minute_gets_429(keyed_api: ApiProcess) -> N
     assert sdk(keyed_api, KEYS[0]).completions.create(model="tiny", prompt="other key", max_tokens=2).choices
 
 
-def test_a_key_over_its_concurrency_gets_429_until_its_request_ends(keyed_api: ApiProcess) -> None:
+def test_a_key_over_its_concurrency_gets_429_until_its_request_ends(keyed_api: ApiProcess,
+                                                                       farm_worker: WorkerProcess) -> None:
     gamma = sdk(keyed_api, KEYS[2])
     body = {"model": "tiny", "prompt": "long", "max_tokens": 1024, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {KEYS[2]}"}
     with httpx.stream("POST", f"{keyed_api.base_url}/completions", json=body, headers=headers, timeout=60) as held:
         assert next(line for line in held.iter_lines() if line.startswith("data: "))
-        with pytest.raises(openai.RateLimitError) as caught:
-            gamma.completions.create(model="tiny", prompt="second", max_tokens=2)
+        os.kill(farm_worker.process.pid, signal.SIGSTOP)  # the held request cannot end meanwhile
+        try:
+            with pytest.raises(openai.RateLimitError) as caught:
+                gamma.completions.create(model="tiny", prompt="second", max_tokens=2)
+        finally:
+            os.kill(farm_worker.process.pid, signal.SIGCONT)
         assert caught.value.code == "concurrency_limit_exceeded"
         assert caught.value.response.headers["retry-after"] == "1"
     wait_until(lambda: _succeeds(gamma), 30, "the key's slot was not released when its stream closed")

@@ -178,3 +178,26 @@ def test_a_closed_channel_claim_lapses_and_what_redis_still_lists_comes_back(
         other.release()
         conn.release()
         keeper.stop()
+
+
+def test_a_task_running_when_its_channel_closed_acks_through_the_process_client(
+        redis_server: RedisServer, db: redis.Redis) -> None:
+    """Redis restarts under a running task: Celery closes the channel the task came on and the
+    task's late ack arrives afterwards. It must not raise (it stopped the worker as an
+    "Unrecoverable error") and it still forgets the message, which is then not run again."""
+    keeper = ownership.Liveness(db, "gpu0@host", heartbeat_seconds=0.2).start()
+    options = {"visibility_timeout": 3600, **ownership.transport_options(keeper)}
+    conn = Connection(redis_server.url(DB), transport=transport.SafeTransport, transport_options=options)
+    try:
+        publish(conn, 2)
+        held = reserve(conn, 2)
+        conn.default_channel.qos.restore_unacked = lambda client=None: None  # as when Redis was gone
+        conn.release()  # the channel closes with both messages delivered and not yet acknowledged
+        held[0].ack()
+        assert db.hlen(owners_key()) == 1 and db.zcard("unacked_index") == 1  # only the first is forgotten
+        wait_until(lambda: db.llen(QUEUE.name) == 1, 30, "the unacknowledged one never came back")
+        time.sleep(1.0)  # a few sweeps more: the acknowledged one stays done
+        assert db.llen(QUEUE.name) == 1 and db.hlen(owners_key()) == 0
+    finally:
+        conn.release()
+        keeper.stop()

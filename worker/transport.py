@@ -8,7 +8,8 @@ Pickle is refused earlier by Celery itself (``accept_content=["json"]``).
 
 Also: when Redis goes away (a restart), Celery closes the broken channel and kombu tries to put
 the channel's unacknowledged messages back with a connection it has just torn down; the
-resulting AttributeError stopped the worker ("Unrecoverable error"). Those messages are still in
+resulting AttributeError stopped the worker ("Unrecoverable error"); so did the late ack of a task
+that was running on the closed channel (it now goes through the process's own Redis client). Those messages are still in
 Redis's unacked index, under the closed channel's own owner name, which the worker no longer keeps
 alive: a sweeper returns them within seconds (``protocol/ownership.py``). So the attempt is
 dropped with a log line and the worker reconnects, with a new channel and a new owner name.
@@ -30,6 +31,7 @@ from queue import Empty
 from time import monotonic
 from typing import Any
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ResponseError
@@ -82,10 +84,27 @@ class SafeQoS(kombu_redis.QoS):  # type: ignore[misc]
     def ack(self, delivery_tag: str) -> None:
         if not self.channel.farm_owner:
             return super().ack(delivery_tag)  # type: ignore[no-any-return]
-        with self.channel.conn_or_acquire() as client:
-            ownership.forget(client, delivery_tag, self.channel.farm_owner, self._keys())
+        try:
+            self._forget(delivery_tag)
+        except (AttributeError, redis.RedisError, *kombu_redis.get_redis_error_classes().connection_errors) as error:
+            # An ack that cannot reach Redis must not stop the worker (Celery calls it "Unrecoverable
+            # error"): the message stays under this channel's claim, which lapses, and is run again.
+            # Its first result is the one kept (protocol/results.py).
+            log.warning("acknowledgement of %s not recorded now (%r): it is run again once this channel's "
+                        "claim lapses", delivery_tag, error)
         virtual.QoS.ack(self, delivery_tag)
         return None
+
+    def _forget(self, delivery_tag: str) -> None:
+        claims = self.channel.farm_claims
+        if self.channel.connection is None and claims is not None:
+            # The channel was closed under a running task (Redis restarted; the worker carries on
+            # with a new channel): its pool is gone, so the task's late ack goes through the
+            # process's own client, still for the owner that popped the message.
+            ownership.forget(claims.client, delivery_tag, self.channel.farm_owner, self._keys())
+            return
+        with self.channel.conn_or_acquire() as client:
+            ownership.forget(client, delivery_tag, self.channel.farm_owner, self._keys())
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue or not self.channel.farm_owner:
