@@ -6,6 +6,8 @@
 - Prometheus ``/metrics`` is always served (Flower 2 serves it without auth). Flower's ``/api``
   needs auth; on loopback without auth it is opened with ``FLOWER_UNAUTHENTICATED_API``.
 - The password goes to Flower through its environment, never its command line (``ps`` shows that).
+- Its log says what is so: the broker URL as it is, and no "Inspect method … failed" for the
+  workers of a farm still starting (``UnansweredWhileNoWorker``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Callable
 
-from protocol.errors import SettingsError
+from protocol.errors import FarmUnavailable, SettingsError
 from protocol.settings import FarmSettings
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -73,6 +76,49 @@ class BrokerUrlAsItIs(logging.Filter):
         return True
 
 
+INSPECT_UNANSWERED = "Inspect method %s failed"
+"""Flower's warning (``flower.inspector``) for an inspect broadcast no worker answered in time."""
+NO_WORKER_YET = "no worker online yet: Flower lists each worker as it comes online"
+
+
+class UnansweredWhileNoWorker(logging.Filter):
+    """Flower inspects the workers once at start (``stats``, ``active_queues``, ``registered``,
+    ``conf``) and warns "Inspect method … failed" for each broadcast nobody answered. ``farm up``
+    starts Flower while its workers still load their model, so nobody can answer yet: four
+    alarming lines about nothing (Flower learns of each worker from its events once it is online,
+    and inspects it when its page is opened). So the warning becomes one plain line while no
+    worker's heartbeat says ready; with a worker online an unanswered inspect is a real fault
+    (a worker that cannot encode its reply, say) and the warning stays."""
+
+    def __init__(self, workers_ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self.workers_ready = workers_ready
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != INSPECT_UNANSWERED or self._any_ready():
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args, record.levelno, record.levelname = NO_WORKER_YET, (), logging.INFO, "INFO"
+        return True
+
+    def _any_ready(self) -> bool:
+        try:
+            return self.workers_ready()
+        except FarmUnavailable:  # Redis unreachable: say nothing about the workers, keep Flower's line
+            return True
+
+
+def heartbeats_ready(settings: FarmSettings) -> Callable[[], bool]:
+    """Whether some worker's heartbeat says ready (it consumes, so it answers broadcasts)."""
+    from producer.client import FarmClient
+
+    client = FarmClient(settings=settings)
+    return lambda: any(beat.ready for beat in client.heartbeats())
+
+
 def _parser(settings: FarmSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm flower", description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -93,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for logger in BROKER_LINES:
         logging.getLogger(logger).addFilter(BrokerUrlAsItIs(settings.redacted_redis_url()))
+    logging.getLogger("flower.inspector").addFilter(UnansweredWhileNoWorker(heartbeats_ready(settings)))
     app = make_celery(settings, name="batchfarm-flower")
     return int(app.start(flower_argv(args.address, args.port)) or 0)
 

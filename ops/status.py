@@ -52,7 +52,7 @@ def workers_table(workers: list[WorkerHeartbeat], now: float | None = None,
 
 def fitting_columns(workers: list[WorkerHeartbeat], width: int, now: float | None = None) -> tuple[str, ...]:
     """The most of ``COLUMNS`` whose table fits ``width`` cells unshrunk, dropping by ``DROP_ORDER``."""
-    columns = COLUMNS
+    columns: tuple[str, ...] = COLUMNS
     for drop in (None, *DROP_ORDER):
         columns = tuple(c for c in columns if c != drop)
         if natural_width(workers_table(workers, now, columns)) <= width:

@@ -21,6 +21,7 @@ from protocol.celery_app import make_celery
 from protocol.errors import ErrorCode, FarmError, FarmUnavailable
 from protocol.names import KOMBU_UNACKED, cancel_key, stream_key, submitted_key
 from protocol.redis_conn import connect
+from protocol.results import result_of_revoked
 from protocol.schema import GenerationResult
 from protocol.settings import FarmSettings
 
@@ -177,8 +178,9 @@ def result_from_meta(request_id: str, meta: dict[str, Any]) -> GenerationResult:
     status, value = meta.get("status"), meta.get("result")
     if status == "SUCCESS" and isinstance(value, dict):
         return GenerationResult.from_dict(value)
-    if status == "REVOKED":
-        return GenerationResult(id=request_id, finish_reason="cancelled")
+    if status == "REVOKED":  # cancelled: with the result so far if it ran (protocol/results.py)
+        ran = result_of_revoked(value)
+        return GenerationResult.from_dict(ran) if ran else GenerationResult(id=request_id, finish_reason="cancelled")
     if isinstance(value, FarmError):
         return GenerationResult.failed(request_id, value)
     message = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)

@@ -192,6 +192,14 @@ class Liveness:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
+    def __json__(self) -> str:
+        """How kombu's json encoder shows this object. It sits in the broker's transport options
+        (``transport_options``), which a worker's ``stats`` reply carries: without this the reply
+        cannot be encoded, the worker logs a "Control command error" and resets its control
+        consumer, and every inspect broadcast then (Flower's four at start: ``stats``,
+        ``active_queues``, ``registered``, ``conf``) goes unanswered."""
+        return f"<Liveness of {self.owner}>"
+
     def start(self) -> Liveness:
         self.refresh()
         self._thread.start()

@@ -25,6 +25,10 @@ def quiet_logs() -> None:
     import celery.app.trace
 
     celery.app.trace.LOG_SUCCESS = LOG_SUCCESS  # read at each success, so replacing it is enough
+    # The task ends a cancelled request with ``Ignore`` once it stored it as REVOKED (worker/tasks.py):
+    # Celery's "ignored" would read as if the request had been dropped.
+    celery.app.trace.log_policy_ignore = celery.app.trace.log_policy_t(
+        celery.app.trace.LOG_IGNORED, "cancelled (stored as REVOKED)", logging.INFO, 0, 0)
     # The optional ``kernels`` package only adds a faster 4-bit matmul on AVX512-bf16 CPUs;
     # bitsandbytes falls back to its own kernel, so the missing module changes nothing.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
