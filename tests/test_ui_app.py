@@ -3,17 +3,14 @@ and by a real Chromium (Playwright), against the test Redis and the shared tiny-
 
 from __future__ import annotations
 
+import base64
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,86 +21,44 @@ from gradio_client import Client
 from producer import FarmClient
 from protocol.names import INTERACTIVE_QUEUE, heartbeat_key, stream_key
 from protocol.schema import Limits
-from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
-from tests.ui_browser import CLOCK, browser_page, read_chart
+from tests.api_server import sdk_client, start_api
+from tests.conftest import OUTPUT, RedisServer, WorkerProcess, free_port, wait_until
+from tests.ui_browser import CLOCK, ask_in_page, browser_page, read_chart, set_max_new_tokens
+from tests.ui_server import FLOWER_PORT, UiApp, launch_ui, running_uis
 
 pytestmark = pytest.mark.integration
 
 IDLE_DB = "ui-idle"  # a db no worker serves; this module's own
 CHART_DB = "ui-charts"  # the charts' test: heartbeats written by hand
+MODELS_DB = "ui-models"  # two models' heartbeats written by hand, nobody consuming their queues
 AUTH = ("tester", "s3cret")
-FLOWER_PORT = "5599"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHAT_DEFAULTS = {"system": "", "new_tokens": 24, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
-                 "seed_value": -1}
+                 "seed_value": -1, "model_name": None}
 DEFAULTS = {"as_chat": False, "new_tokens": 64, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
-            "seed_value": -1}
-
-
-@dataclass
-class UiApp:
-    url: str
-    redis_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    auth: tuple[str, str] | None = None
-
-    def client(self) -> Client:
-        return Client(self.url, auth=self.auth, verbose=False, download_files=False)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def launch_ui(name: str, redis_url: str, **settings: str) -> UiApp:
-    """``python -m ui.app`` on a free loopback port (started, not waited for)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_url, "FARM_FLOWER_PORT": FLOWER_PORT,
-           "GRADIO_ANALYTICS_ENABLED": "False", **{f"FARM_{k.upper()}": v for k, v in settings.items()}}
-    log_path = OUTPUT / "ui" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ui.app", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    auth = tuple(settings["ui_auth"].split(":", 1)) if "ui_auth" in settings else None
-    return UiApp(f"http://127.0.0.1:{port}", redis_url, process, log_path, auth)  # type: ignore[arg-type]
-
-
-def answers(app: UiApp) -> bool:
-    if app.process.poll() is not None:
-        raise AssertionError(f"the UI exited with {app.process.returncode}:\n{app.log()[-3000:]}")
-    try:
-        urllib.request.urlopen(app.url + "/config", timeout=2)
-    except urllib.error.HTTPError:
-        return True  # it answers (401 when a login is required)
-    except OSError:
-        return False
-    return True
+            "seed_value": -1, "model_name": None}
 
 
 @pytest.fixture(scope="module")
 def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict[str, UiApp]]:
-    """Four UIs started together (importing gradio takes seconds): on the worker's Redis, on a
-    db no worker serves (with a login and a queue limit of 3), on a closed port, and on a db
-    whose heartbeats the charts' test writes."""
-    redis_server.client(IDLE_DB).flushdb()
+    """Five UIs started together (importing gradio takes seconds): on the worker's Redis, on a
+    db no worker serves (with a login and a queue limit of 3), on a closed port, on a db whose
+    heartbeats the charts' test writes, and on one where the model tests write two models'."""
+    own = (IDLE_DB, CHART_DB, MODELS_DB)
+    for db in own:
+        redis_server.client(db).flushdb()
     started = {
         "farm": launch_ui("farm", farm_worker.redis_url),
         "idle": launch_ui("idle", redis_server.url(IDLE_DB), ui_auth=":".join(AUTH), ui_max_queue="3"),
         "down": launch_ui("down", f"redis://127.0.0.1:{free_port()}/0"),
         "charts": launch_ui("charts", redis_server.url(CHART_DB)),
+        "models": launch_ui("models", redis_server.url(MODELS_DB), ui_max_queue="3"),
     }
     try:
-        for app in started.values():
-            wait_until(lambda app=app: answers(app), 90, f"the UI at {app.url} did not start")
-        yield started
+        with running_uis(started) as running:
+            yield running
     finally:
-        for app in started.values():
-            stop_process(app.process)
-        redis_server.client(IDLE_DB).flushdb()
-        redis_server.client(CHART_DB).flushdb()
+        for db in own:
+            redis_server.client(db).flushdb()
 
 
 def generate(app: UiApp, prompt: str, **params: object) -> object:
@@ -255,37 +210,29 @@ def test_sixteen_clients_at_once_are_batched(apps: dict[str, UiApp]) -> None:
 
 
 def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> None:
-    from playwright.sync_api import sync_playwright
-
     shots = OUTPUT / "ui"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(apps["farm"].url)
-            page.get_by_role("tab", name="Completion").click()
-            page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
-            page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
-            page.screenshot(path=str(shots / "refused.png"), full_page=True)
-            page.get_by_text("Parameters").click()
-            page.locator("#max-new-tokens input[type=number]").fill("1000")
-            page.locator("#max-new-tokens input[type=number]").press("Enter")
-            page.locator("#max-new-tokens input[type=number]").press("Tab")
-            # What the page will send: under load Gradio may not have taken the typed value yet.
-            asked = int(page.locator("#max-new-tokens input[type=range]").input_value())
-            page.locator("#prompt textarea").fill("Once upon a time")
-            page.evaluate(RECORD_OUTPUT)
-            page.locator("#submit").click()
-            seen = watch_output(page)
-            page.screenshot(path=str(shots / "generate.png"), full_page=True)
-            request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
-            page.get_by_role("tab", name="Farm").click()
-            page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
-            page.wait_for_timeout(1500)  # the charts draw after their data arrives; for the screenshot only
-            page.screenshot(path=str(shots / "farm.png"), full_page=True)
-            run_bulk_job_in_page(page, shots)
-        finally:
-            browser.close()
+    with browser_page(apps["farm"].url) as page:
+        page.get_by_role("tab", name="Completion").click()
+        page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
+        page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
+        page.screenshot(path=str(shots / "refused.png"), full_page=True)
+        page.get_by_text("Parameters").click()
+        page.locator("#max-new-tokens input[type=number]").fill("1000")
+        page.locator("#max-new-tokens input[type=number]").press("Enter")
+        page.locator("#max-new-tokens input[type=number]").press("Tab")
+        # What the page will send: under load Gradio may not have taken the typed value yet.
+        asked = int(page.locator("#max-new-tokens input[type=range]").input_value())
+        page.locator("#prompt textarea").fill("Once upon a time")
+        page.evaluate(RECORD_OUTPUT)
+        page.locator("#submit").click()
+        seen = watch_output(page)
+        page.screenshot(path=str(shots / "generate.png"), full_page=True)
+        request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
+        page.get_by_role("tab", name="Farm").click()
+        page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
+        page.wait_for_timeout(1500)  # the charts draw after their data arrives; for the screenshot only
+        page.screenshot(path=str(shots / "farm.png"), full_page=True)
+        run_bulk_job_in_page(page, shots)
     stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
     assert stored.completion_tokens == asked > 1
     assert seen[-1] == stored.text
@@ -477,50 +424,10 @@ def test_chat_refuses_an_empty_message_and_keeps_the_history(apps: dict[str, UiA
     assert texts(history) == [("user", "hi"), ("assistant", "hello")] and (request_id, box) == ("", "  ")
 
 
-RECORD_ANSWER = """() => {
-    // The last answer's text as the page shows it, sampled in the page (see RECORD_OUTPUT).
-    window.seenAnswers = [];
-    window.answerSampler = setInterval(() => {
-        const rows = document.querySelectorAll('#chatbot .message-row.bot-row');
-        const text = rows.length ? rows[rows.length - 1].innerText.trim() : '';
-        const seen = window.seenAnswers;
-        if (seen.length === 0 || seen[seen.length - 1] !== text) seen.push(text);
-    }, 5);
-}"""
-
-
-def set_max_new_tokens(page: Any, tokens: int) -> None:
-    box = page.locator("#chat-max-new-tokens input[type=number]")
-    box.fill(str(tokens))
-    box.press("Tab")
-    page.wait_for_function("(n) => document.querySelector('#chat-max-new-tokens input[type=range]').value == n",
-                           arg=str(tokens), timeout=15000)
-
-
-def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
-    """Type ``question``, press Enter; the answers' texts seen while it streamed, and its request id."""
-    request_box = page.locator("#chat-request-id textarea, #chat-request-id input").first
-    before = request_box.input_value()
-    page.evaluate(RECORD_ANSWER)
-    page.locator("#chat-message textarea").fill(question)
-    page.locator("#chat-message textarea").press("Enter")
-    # The previous turn's "Done" stays until this turn's request id replaces the previous one.
-    page.wait_for_function(ANSWERED, arg=before, timeout=180000)
-    time.sleep(0.1)
-    seen = page.evaluate("() => { clearInterval(window.answerSampler); return window.seenAnswers; }")
-    return list(seen), request_box.input_value()
-
-
-ANSWERED = """(before) => {
-    const box = document.querySelector('#chat-request-id textarea, #chat-request-id input');
-    const line = document.querySelector('#chat-status');
-    return box && box.value && box.value !== before && line && line.innerText.includes('Done:');
-}"""
-
-
 def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiApp], tiny_model: Path) -> None:
     """A person types a question in the chat, sees the answer stream in, then asks again."""
     with browser_page(apps["farm"].url) as page:
+        page.wait_for_function("() => document.querySelector('#chat-model input').value === 'tiny'", timeout=15000)
         set_max_new_tokens(page, 600)  # long enough to be seen growing on a busy machine
         seen, first_id = ask_in_page(page, "What is the capital of France?")
         set_max_new_tokens(page, 40)  # a short second answer keeps both turns in the screenshot
@@ -533,6 +440,7 @@ def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiAp
     first, second = farm.handle(first_id).result(timeout=30), farm.handle(second_id).result(timeout=30)
     assert [u.strip() for u in users] == ["What is the capital of France?", "And of Italy?"]
     assert len(bots) == 2 and first.ok and second.ok and first_id != second_id
+    assert first.model == second.model == "tiny"  # the only model, preselected in the picker
     growing = [text for text in seen[:-1] if text]
     assert len(growing) >= 3, [len(t) for t in seen]  # the answer grew in the page before it ended
     assert re.match(r"Done: \d+ tokens in .* tokens/s on cpu@test", line), line
@@ -552,3 +460,131 @@ def test_chat_cancel_keeps_the_partial_answer(apps: dict[str, UiApp]) -> None:
     assert stored.finish_reason == "cancelled" and 0 < stored.completion_tokens < 1024
     assert status == f"**Cancelled** after {stored.completion_tokens} tokens."
     assert texts(history) == [("user", "Tell me a long story"), ("assistant", stored.text)]
+
+
+def test_bulk_tab_lists_batches_made_through_the_api(apps: dict[str, UiApp], farm_worker: WorkerProcess,
+                                                     tmp_path: Path) -> None:
+    """A batch made with the real SDK against a real ``farm api`` (stopped before the UI reads),
+    and an invalid one: the Bulk tab lists both from Redis, as ``GET /v1/batches`` has them."""
+    chat = [{"custom_id": f"ui-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "tiny", "messages": [{"role": "user", "content": f"Question {i}"}], "max_tokens": 4}}
+            for i in range(3)]
+    server = start_api(farm_worker.redis_url, tmp_path / "api")
+    try:
+        oai = sdk_client(server)
+        good = oai.files.create(file=("ui.jsonl", jsonl(chat)), purpose="batch")
+        bad = oai.files.create(file=("dup.jsonl", jsonl([chat[0], chat[0]])), purpose="batch")
+        batch = oai.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
+        failed = oai.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+        wait_until(lambda: oai.batches.retrieve(batch.id).status == "completed", 120, "the batch did not complete")
+        done = oai.batches.retrieve(batch.id)
+    finally:
+        server.close()
+    note, table = apps["farm"].client().predict(api_name="/batches")
+    rows = {row[0]: row for row in table["data"]}
+    assert table["headers"] == ["batch", "status", "requests", "created", "output file", "error file"]
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(done.created_at))
+    assert rows[batch.id] == [batch.id, "completed", "3/3 completed, 0 failed", created, done.output_file_id, ""]
+    assert done.output_file_id and rows[failed.id][1:3] == ["failed", "0/0 completed, 0 failed"]
+    assert [row[3] for row in table["data"]] == sorted((row[3] for row in table["data"]), reverse=True)  # newest first
+    assert note.startswith("Batches made through the HTTP Batch API")
+    with browser_page(apps["farm"].url) as page:
+        page.get_by_role("tab", name="Bulk").click()
+        page.locator("#api-batches").get_by_text(batch.id).filter(visible=True).first.wait_for(timeout=30000)
+        shown = page.locator("#api-batches").inner_text()
+        page.screenshot(path=str(OUTPUT / "ui" / "bulk-batches.png"), full_page=True)
+    assert done.output_file_id in shown and failed.id in shown
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def model_worker(db: redis.Redis, model: str, adapters: list[str]) -> None:
+    """A heartbeat of a worker serving ``model`` alone (its own queues, not the plain ones), with
+    nobody behind it: what the UI reads is all there is."""
+    record = {"name": f"{model}@test", "ready": True, "state": "ready", "model_name": model, "adapters": adapters,
+              "queues": [f"interactive.{model}", f"bulk.{model}"], "updated_at": time.time()}
+    db.set(heartbeat_key(f"{model}@test"), json.dumps(record), ex=120)
+
+
+@pytest.fixture()
+def two_models(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    db = redis_server.client(MODELS_DB)
+    model_worker(db, "alpha", ["base"])
+    model_worker(db, "beta", ["base", "pirate"])
+    yield db
+    db.flushdb()
+
+
+def queued_requests(db: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The requests of the Celery messages waiting in ``queue``."""
+    bodies = [json.loads(base64.b64decode(json.loads(raw)["body"])) for raw in db.lrange(queue, 0, -1)]
+    return [body[1]["request"] for body in bodies]
+
+
+def test_requests_carry_the_chosen_model_and_wait_on_its_queue(apps: dict[str, UiApp], two_models: redis.Redis) -> None:
+    """Two models served: none chosen is refused with the list; the chosen one goes to its own
+    queue; the full-queue check reads that queue (FARM_UI_MAX_QUEUE=3), not the plain one."""
+    ui, db = apps["models"], two_models
+    status, _, _ = generate(ui, "hello").result(timeout=30)  # type: ignore[attr-defined]
+    assert status.startswith("**Not sent.** Not sent: model: several models are served (alpha, beta): name one")
+    db.lpush("interactive.beta", "a", "b", "c")
+    db.lpush(INTERACTIVE_QUEUE, "x", "y", "z")  # no worker of alpha or beta takes the plain queue
+    status, _, request_id = generate(ui, "hello", model_name="beta").result(timeout=30)  # type: ignore[attr-defined]
+    assert status.startswith("**Not sent.** The farm's queue is full (3 requests waiting, limit 3")
+    assert request_id == "" and db.llen("interactive.beta") == 3
+    job = generate(ui, "hello alpha", model_name="alpha", new_tokens=5)
+    wait_until(lambda: job.outputs(), 30, "no status")  # type: ignore[attr-defined]
+    status, _, request_id = job.outputs()[0]  # type: ignore[attr-defined]
+    assert status == "**Queued**: 0 requests ahead in the farm's queue."
+    (sent,) = queued_requests(db, "interactive.alpha")
+    assert (sent["prompt"], sent["model"], sent["max_new_tokens"]) == ("hello alpha", "alpha", 5)
+    ui.client().predict(request_id, api_name="/cancel")
+
+
+def test_browser_model_picker_lists_the_served_models(apps: dict[str, UiApp], two_models: redis.Redis) -> None:
+    """The chat's and the Bulk tab's pickers list both models, none chosen; the chosen model's
+    adapters are offered and the message goes to its queue; a model gone is gone from the list
+    when it is opened again, and the one left is chosen."""
+    db = two_models
+    with browser_page(apps["models"].url) as page:
+        assert page.locator("#chat-model input").input_value() == ""
+        dropdown_options(page, "#chat-model", ["alpha", "beta"], choose="beta")
+        page.locator("#chat-adapter").wait_for(timeout=15000)  # beta has adapters to choose from
+        dropdown_options(page, "#chat-adapter", ["(farm default)", "base", "pirate"])
+        page.locator("#chat-message textarea").fill("Ahoy?")
+        page.locator("#chat-message textarea").press("Enter")
+        page.get_by_text("Queued").first.wait_for(timeout=30000)
+        page.screenshot(path=str(OUTPUT / "ui" / "model-picker.png"), full_page=True)
+        request_id = page.locator("#chat-request-id textarea, #chat-request-id input").first.input_value()
+        page.locator("#chat-cancel").click()
+        page.get_by_text("Cancelled").first.wait_for(timeout=30000)
+        page.get_by_role("tab", name="Bulk").click()
+        dropdown_options(page, "#bulk-model", ["alpha", "beta"])
+        db.delete(heartbeat_key("beta@test"))
+        page.get_by_role("tab", name="Generate").click()
+        dropdown_options(page, "#chat-model", ["alpha"])
+        page.locator("#chat-message textarea").click()  # the dropdown shows its new value once left
+        page.wait_for_function("() => document.querySelector('#chat-model input').value === 'alpha'", timeout=15000)
+    sent = queued_requests(db, "interactive.beta")
+    assert [r["model"] for r in sent] == ["beta"] and sent[0]["messages"] == [{"role": "user", "content": "Ahoy?"}]
+    assert db.get(f"farm:cancel:{request_id}") == b"1"
+
+
+def dropdown_options(page: Any, selector: str, expected: list[str], choose: str | None = None) -> None:
+    """Open the dropdown at ``selector``, see it list ``expected`` (it is read again from the farm
+    when opened: the list may change once open), then choose ``choose`` or close it; returns once
+    the list is closed (Gradio draws it outside the dropdown, one at a time)."""
+    page.locator(f"{selector} input").click()
+    seen: list[list[str]] = []
+    read = "() => [...document.querySelectorAll('[role=option]')].map(o => o.innerText.replace('✓', '').trim())"
+    try:
+        wait_until(lambda: seen.append(page.evaluate(read)) or seen[-1] == expected, 15, "other options")
+    except AssertionError:
+        raise AssertionError(f"{selector} lists {seen[-1]}, not {expected}") from None
+    if choose is None:
+        page.keyboard.press("Escape")
+    else:
+        page.get_by_role("option").filter(has_text=choose).first.click()
+    page.wait_for_function("() => !document.querySelector('[role=option]')", timeout=15000)

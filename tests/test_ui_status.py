@@ -123,7 +123,7 @@ def test_batches_table_from_batch_objects() -> None:
     frame = batches.batches_frame([batch])
     assert list(frame.columns) == batches.BATCH_COLUMNS
     row = list(frame.iloc[0])
-    assert row[:5] == ["batch_1", "completed", 2, 1, 3] and row[6:] == ["file-out", "file-err"]
-    assert row[5].count(":") == 2 and row[5][:2] in ("19", "20")  # local time of the epoch
+    assert row[:3] == ["batch_1", "completed", "2/3 completed, 1 failed"] and row[4:] == ["file-out", "file-err"]
+    assert row[3].count(":") == 2 and row[3][:2] in ("19", "20")  # local time of the epoch
     assert "No batch yet" in batches.note(0, False)
     assert "1 batch," in batches.note(1, False) and "the newest 20" in batches.note(20, True)

@@ -20,7 +20,7 @@ from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import bulk, chat, farm, status
 from ui.generate import Update, cancel, generate, request_data
-from ui.models import DEFAULT_ADAPTER_CHOICE, Picker, read_picker
+from ui.models import DEFAULT_ADAPTER_CHOICE, Picker, model_dropdown, read_picker
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,6 @@ def _generate_tab(client: FarmClient, settings: FarmSettings) -> list[ModelPicke
     return [chat_picker, picker]
 
 
-def _model_dropdown(elem_id: str) -> gr.Dropdown:
-    """The served models (filled on page load, read again when opened); one is preselected."""
-    return gr.Dropdown([], value=None, label="Model", elem_id=elem_id, allow_custom_value=False)
-
-
 def _wire_pickers(demo: gr.Blocks, client: FarmClient, pickers: list[ModelPicker]) -> None:
     """Every model dropdown is filled on page load and read again whenever it is opened (a
     worker may have come since), keeping the choice; its adapter dropdown follows the model."""
@@ -112,7 +107,7 @@ def _parameters(settings: FarmSettings, prefix: str = "") -> list[Any]:
                             label="Temperature (0 = greedy)")
     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
     adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
-                          visible=False)
+                          visible=False, elem_id=f"{prefix}adapter")
     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1)
     return [max_new, temperature, top_p, adapter, seed]
 
@@ -135,7 +130,7 @@ def _chat_tab(client: FarmClient, settings: FarmSettings) -> ModelPicker:
                 clear = gr.Button("New chat", elem_id="chat-clear")
             line = gr.Markdown("Ready.", elem_id="chat-status")
         with gr.Column(scale=1, min_width=260):
-            model = _model_dropdown("chat-model")
+            model = model_dropdown("chat-model")
             system = gr.Textbox(label="System prompt (optional)", lines=2, elem_id="chat-system")
             params = [*_parameters(settings, "chat-"), model]
     request_id = gr.Textbox(visible="hidden", elem_id="chat-request-id")  # in the DOM: tests read it
@@ -170,7 +165,7 @@ def _completion_tab(client: FarmClient, settings: FarmSettings) -> ModelPicker:
     with gr.Row():
         submit = gr.Button("Submit", variant="primary", elem_id="submit")
         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-        model = _model_dropdown("model")
+        model = model_dropdown("model")
     with gr.Accordion("Parameters", open=False):
         as_chat = gr.Checkbox(False, label="Chat: send as a user message (the worker applies its chat template)")
         with gr.Row():

@@ -17,7 +17,7 @@ from api.batch_store import BatchStore
 from producer.client import FarmClient
 from protocol.errors import FarmError
 
-BATCH_COLUMNS = ["batch", "status", "completed", "failed", "total", "created", "output file", "error file"]
+BATCH_COLUMNS = ["batch", "status", "requests", "created", "output file", "error file"]
 SHOWN = 20
 """The newest batches listed (``GET /v1/batches``' default page)."""
 CREATED_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -51,7 +51,12 @@ def note(shown: int, more: bool) -> str:
 
 def batches_frame(batches: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per batch object: id, status, its ``request_counts``, when it was made, its files."""
-    rows = [[b["id"], b["status"], b["request_counts"]["completed"], b["request_counts"]["failed"],
-             b["request_counts"]["total"], time.strftime(CREATED_FORMAT, time.localtime(b["created_at"])),
-             b["output_file_id"] or "", b["error_file_id"] or ""] for b in batches]
+    rows = [[b["id"], b["status"], requests(b["request_counts"]),
+             time.strftime(CREATED_FORMAT, time.localtime(b["created_at"])), b["output_file_id"] or "",
+             b["error_file_id"] or ""] for b in batches]
     return pd.DataFrame(rows, columns=BATCH_COLUMNS)
+
+
+def requests(counts: dict[str, int]) -> str:
+    """A batch's ``request_counts`` in one cell: ``2/3 completed, 1 failed``."""
+    return f"{counts['completed']}/{counts['total']} completed, {counts['failed']} failed"

@@ -23,7 +23,7 @@ from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import status
 from ui.batches import BATCH_COLUMNS, batches_view
-from ui.models import DEFAULT_ADAPTER_CHOICE
+from ui.models import DEFAULT_ADAPTER_CHOICE, model_dropdown
 
 FOLLOW_SECONDS = 1.0
 """How often a followed job's progress is shown again."""
@@ -104,7 +104,7 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> BulkTab:
     upload = gr.File(label="Prompts: JSONL (prompt or messages per line), CSV (a prompt column) or text "
                      "(one prompt per line)", file_types=FILE_TYPES, elem_id="bulk-file")
     with gr.Row():
-        model = gr.Dropdown([], value=None, label="Model", elem_id="bulk-model", allow_custom_value=False)
+        model = model_dropdown("bulk-model")
         column = gr.Textbox("prompt", label="CSV prompt column", max_lines=1)
         job_id = gr.Textbox(label="Job id (empty: derived from the prompts; type one to reattach)",
                             max_lines=1, elem_id="job-id")
@@ -115,7 +115,7 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> BulkTab:
                                 label="Temperature")
         top_p = gr.Number(1.0, minimum=0.05, maximum=1.0, label="Top-p")
         adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
-                              visible=False)
+                              visible=False, elem_id="bulk-adapter")
     with gr.Row():
         start = gr.Button("Start job", variant="primary", elem_id="start-job")
         attach = gr.Button("Attach to job id", elem_id="attach-job")

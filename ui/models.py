@@ -2,12 +2,14 @@
 heartbeats), which one is chosen, the adapters of the chosen one, and the interactive queues a
 request for it waits in.
 
-No Gradio here: ``ui.app`` and ``ui.bulk`` turn a ``Picker`` into their dropdowns.
+Gradio only in ``model_dropdown``: ``ui.app`` fills the dropdowns from a ``Picker``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import gradio as gr
 
 from producer.client import FarmClient
 from protocol.errors import FarmError
@@ -29,6 +31,14 @@ class Picker:
     adapters: tuple[str, ...]
     """Adapter choices: ``DEFAULT_ADAPTER_CHOICE`` first, then the chosen model's (every
     model's when none is chosen)."""
+
+
+def model_dropdown(elem_id: str) -> gr.Dropdown:
+    """A tab's model picker, empty until the page loads (``ui.app`` fills it then, and again
+    whenever it is opened). Other values are allowed: the choices are the page's, so a caller of
+    the UI's API (``gradio_client``) has none, and the farm refuses an unknown model itself,
+    naming those served."""
+    return gr.Dropdown([], value=None, label="Model", elem_id=elem_id, allow_custom_value=True)
 
 
 def pick(models: list[ServedModel], wanted: str | None, default: str = "") -> Picker:
