@@ -543,6 +543,24 @@ def test_requests_carry_the_chosen_model_and_wait_on_its_queue(apps: dict[str, U
     ui.client().predict(request_id, api_name="/cancel")
 
 
+def test_bulk_job_rows_carry_the_chosen_model(apps: dict[str, UiApp], two_models: redis.Redis,
+                                              tmp_path: Path) -> None:
+    """A job started in the Bulk tab with a model: its rows wait in that model's bulk queue."""
+    from gradio_client import handle_file
+
+    prompts = tmp_path / "rows.txt"
+    prompts.write_text("first row\nsecond row\n")
+    ui = apps["models"].client()
+    job_id, _ = ui.predict(handle_file(str(prompts)), "prompt", "ui-model-job", 8, 0.0, 1.0, "(farm default)",
+                           "beta", api_name="/start_job")
+    assert job_id == "ui-model-job"
+    wait_until(lambda: two_models.llen("bulk.beta") == 2, 30, "the rows are not in beta's bulk queue")
+    sent = queued_requests(two_models, "bulk.beta")
+    assert sorted((r["prompt"], r["model"]) for r in sent) == [("first row", "beta"), ("second row", "beta")]
+    assert two_models.llen("bulk.alpha") == two_models.llen("bulk") == 0
+    assert "cancelled" in ui.predict(job_id, api_name="/cancel_job")
+
+
 def test_browser_model_picker_lists_the_served_models(apps: dict[str, UiApp], two_models: redis.Redis) -> None:
     """The chat's and the Bulk tab's pickers list both models, none chosen; the chosen model's
     adapters are offered and the message goes to its queue; a model gone is gone from the list
