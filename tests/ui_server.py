@@ -17,6 +17,9 @@ from gradio_client import Client
 from tests.conftest import OUTPUT, ROOT, free_port, stop_process, wait_until
 
 FLOWER_PORT = "5599"
+DEFAULTS = {"as_chat": False, "new_tokens": 64, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
+            "seed_value": -1, "model_name": None}
+"""The Completion tab's inputs after the prompt (``/generate``), in order."""
 START_SECONDS = 90
 """Importing gradio takes seconds; several UIs starting at once on 2 cores take longer."""
 
@@ -60,6 +63,11 @@ def answers(app: UiApp) -> bool:
     except OSError:
         return False
     return True
+
+
+def generate(app: UiApp, prompt: str, **params: object) -> object:
+    """``/generate`` submitted (a ``gradio_client`` job): ``prompt`` with ``DEFAULTS`` but ``params``."""
+    return app.client().submit(prompt, *{**DEFAULTS, **params}.values(), api_name="/generate")
 
 
 @contextmanager
