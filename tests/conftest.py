@@ -73,7 +73,8 @@ def start_redis(workdir: Path, port: int | None = None, password: str = "",
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir),
-           "--appendonly", "yes" if appendonly else "no", "--databases", str(DATABASES), "--logfile", str(workdir / "redis.log")]
+           "--appendonly", "yes" if appendonly else "no", "--databases", str(DATABASES),
+           "--logfile", str(workdir / "redis.log")]
     if password:
         cmd += ["--requirepass", password]
     server = RedisServer(port, subprocess.Popen(cmd), workdir, password)

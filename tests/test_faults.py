@@ -150,5 +150,5 @@ def test_redis_watch_says_unreachable_once_then_back(redis_server: RedisServer) 
     watch.check(dead)
     watch.check(redis_server.client("faults-watch"))
     assert said.getvalue().splitlines() == [
-        f"farm submit: Redis at {redis_server.url("faults-watch")} is unreachable, retrying",
-        f"farm submit: Redis at {redis_server.url("faults-watch")} is back; carrying on"]
+        f"farm submit: Redis at {redis_server.url('faults-watch')} is unreachable, retrying",
+        f"farm submit: Redis at {redis_server.url('faults-watch')} is back; carrying on"]

@@ -46,7 +46,8 @@ def celery_body(request: object) -> bytes:
 @pytest.fixture(scope="module")
 def hostile_worker(redis_server: RedisServer, tiny_model: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    worker = start_worker(redis_server.url("hostile"), tiny_model, tmp_path_factory.mktemp("hostile"), name="hostile@test")
+    worker = start_worker(redis_server.url("hostile"), tiny_model, tmp_path_factory.mktemp("hostile"),
+                          name="hostile@test")
     yield worker
     worker.stop()
 

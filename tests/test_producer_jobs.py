@@ -105,11 +105,13 @@ def test_failed_rows_are_recorded_and_retry_failed_reruns_only_them(client: Farm
 
     before = executions(client, job)
     assert 7 not in before
-    assert job.retry_failed() == 1  # row 7 has no valid request to send again
-    again = list(job.results(timeout=60))
-    assert again[4].finish_reason == "error"
-    after = executions(client, job)
-    assert after[4] > before[4]
+    for _ in range(3):  # at once after the last result, again and again: the pump may be on its way out
+        runs = executions(client, job)
+        assert job.retry_failed() == 1  # row 7 has no valid request to send again
+        again = list(job.results(timeout=60))
+        assert again[4].finish_reason == "error"
+        after = executions(client, job)
+        assert after[4] > runs[4]
     assert {i: n for i, n in after.items() if i != 4} == {i: n for i, n in before.items() if i != 4}
 
 

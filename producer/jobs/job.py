@@ -187,6 +187,7 @@ class Job:
         retry = self.store.requests(failed)
         if not retry:
             return 0
+        self.sender.join_exiting()  # a pump that saw the job finished would release the lease taken here
         if not self.lease.held:
             self.lease.acquire()
         rows = [i for i, _ in retry]

@@ -55,6 +55,7 @@ class Sender:
         self._retry: Chunk = []
         self._unsettled: Chunk = []
         self._pump: threading.Thread | None = None
+        self._exiting = False  # the pump saw every row finished and is on its way out (under ledger.cond)
         self._closing = threading.Event()
         self._app: Celery | None = None
         self._refreshed = 0.0
@@ -80,7 +81,14 @@ class Sender:
 
     @property
     def running(self) -> bool:
-        return self._pump is not None and self._pump.is_alive()
+        """A pump runs that will still send (one on its way out after the last row does not count)."""
+        return self._pump is not None and self._pump.is_alive() and not self._exiting
+
+    def join_exiting(self) -> None:
+        """Wait for a pump on its way out (it releases the lease as it goes), so a retry starts a fresh one."""
+        pump = self._pump
+        if pump is not None and self._exiting and pump is not threading.current_thread():
+            pump.join(10)
 
     @property
     def busy(self) -> bool:
@@ -89,9 +97,11 @@ class Sender:
             return bool(self._retry)
 
     def start(self) -> None:
+        self.join_exiting()
         with self.ledger.cond:
             if self.running:
                 return
+            self._exiting = False
             self._closing.clear()
             self._pump = threading.Thread(target=self._run, name=f"job-{self.store.job_id}", daemon=True)
             self._pump.start()
@@ -161,6 +171,7 @@ class Sender:
         changed = self.observe()
         with self.ledger.cond:
             if self.ledger.book.finished and not self._retry:
+                self._exiting = True  # decided under the lock that requeue() takes: a retry sees it
                 return True
         if not (sent or changed):
             self._closing.wait(POLL_SECONDS)
