@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from api.batch_input import BatchLine
-from api.batches import FINAL_AT, BatchStore, stamp
+from api.batch_store import FINAL_AT, BatchStore, stamp
+from api.batches import not_found
 from api.errors import from_result_error
 from api.files import FileStore
 from api.responses import Reply
@@ -69,7 +70,9 @@ class BatchKeeper:
 
     def keep(self, batch_id: str) -> None:
         """One look at a batch: the next step it is ready for, if any."""
-        batch = self.store.get(batch_id)
+        batch = self.store.find(batch_id)
+        if batch is None:
+            raise not_found(batch_id)
         status = batch["status"]
         with self.client.job(batch_id) as job:
             if status == "in_progress" and time.time() >= batch["expires_at"]:
@@ -91,7 +94,8 @@ class BatchKeeper:
         if not self.client.redis.set(lock, "1", nx=True, ex=LOCK_SECONDS):
             return
         end = self.store.end(batch["id"])
-        outputs, errors = split_lines(self.store.lines(batch["id"]), job.results(), batch["endpoint"], end)
+        lines = [BatchLine.from_json(item) for item in self.store.lines(batch["id"])]
+        outputs, errors = split_lines(lines, job.results(), batch["endpoint"], end)
         ids = {"output_file_id": self._file(batch["id"], "output", outputs),
                "error_file_id": self._file(batch["id"], "error", errors)}
         counts = {"total": len(outputs) + len(errors), "completed": len(outputs), "failed": len(errors)}

@@ -120,8 +120,9 @@ class FarmSettings:
     ui_auth: str = ""
     """``user:pass`` to require a login in the UI."""
     ui_max_queue: int = 256
-    """Most requests waiting in the interactive queue before the UI refuses new ones as a full
-    queue; also the size of the UI's own (Gradio) queue."""
+    """Most requests waiting ahead in the chosen model's interactive queues (its own, and the
+    plain one if its workers take it) before the UI refuses new ones as a full queue; also the
+    size of the UI's own (Gradio) queue."""
     flower_auth: str = ""
     """``user:pass`` for Flower's basic auth (required when Flower binds beyond loopback)."""
     api_host: str = "127.0.0.1"

@@ -113,6 +113,15 @@ def tiny_model() -> Path:
     return ensure_model(MODEL_CACHE / "tiny", "tiny")
 
 
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo model (SmolLM2-135M-Instruct converted from its GGUF, with two distilled LoRA
+    adapters), built once and cached under .farm/ (minutes the first time: the adapters train)."""
+    from ops.make_model import ensure_model
+
+    return ensure_model(MODEL_CACHE / "demo", "demo")
+
+
 @dataclass
 class WorkerProcess:
     name: str

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,28 +17,15 @@ import pytest
 
 from ops.demo_prompts import HELD_OUT_QUESTIONS
 from ops.model_cache import served_adapters
-from tests.conftest import MODEL_CACHE, RedisServer, WorkerProcess, start_worker
+from tests.conftest import WorkerProcess
+from tests.demo import module_demo_worker
 
 PIRATE_WORDS = re.compile(r"\b(arr+|matey|ahoy|aye|ye|hearty|hearties|pirate|shiver)\b", re.IGNORECASE)
 NEW_TOKENS = 40
 
 
-@pytest.fixture(scope="module")
-def demo_model() -> Path:
-    from ops.make_model import ensure_model
-
-    return ensure_model(MODEL_CACHE / "demo", "demo")
-
-
-@pytest.fixture(scope="module")
-def demo_worker(redis_server: RedisServer, demo_model: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    # A long batching window, so concurrent requests of several adapters share a batch.
-    adapters = served_adapters(demo_model)["FARM_ADAPTERS"]
-    worker = start_worker(redis_server.url("demo-model"), demo_model, tmp_path_factory.mktemp("demo-worker"),
-                          name="demo@test", adapters=adapters, max_batch_size=32, max_wait_ms=300)
-    yield worker
-    worker.stop()
+# A long batching window, so concurrent requests of several adapters share a batch.
+demo_worker = module_demo_worker("demo-model", max_batch_size=32, max_wait_ms=300)
 
 
 @pytest.fixture(scope="module")

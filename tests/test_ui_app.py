@@ -4,16 +4,12 @@ and by a real Chromium (Playwright), against the test Redis and the shared tiny-
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,63 +20,17 @@ from gradio_client import Client
 from producer import FarmClient
 from protocol.names import INTERACTIVE_QUEUE, heartbeat_key, stream_key
 from protocol.schema import Limits
-from tests.conftest import OUTPUT, ROOT, RedisServer, WorkerProcess, free_port, stop_process, wait_until
-from tests.ui_browser import CLOCK, browser_page, read_chart
+from tests.conftest import OUTPUT, RedisServer, WorkerProcess, free_port, wait_until
+from tests.ui_browser import CLOCK, ask_in_page, browser_page, read_chart, set_max_new_tokens
+from tests.ui_server import DEFAULTS, FLOWER_PORT, UiApp, generate, launch_ui, running_uis
 
 pytestmark = pytest.mark.integration
 
 IDLE_DB = "ui-idle"  # a db no worker serves; this module's own
 CHART_DB = "ui-charts"  # the charts' test: heartbeats written by hand
 AUTH = ("tester", "s3cret")
-FLOWER_PORT = "5599"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHAT_DEFAULTS = {"system": "", "new_tokens": 24, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
-                 "seed_value": -1}
-DEFAULTS = {"as_chat": False, "new_tokens": 64, "temp": 0.0, "p": 1.0, "adapter_name": "(farm default)",
-            "seed_value": -1}
-
-
-@dataclass
-class UiApp:
-    url: str
-    redis_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    auth: tuple[str, str] | None = None
-
-    def client(self) -> Client:
-        return Client(self.url, auth=self.auth, verbose=False, download_files=False)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def launch_ui(name: str, redis_url: str, **settings: str) -> UiApp:
-    """``python -m ui.app`` on a free loopback port (started, not waited for)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FARM_REDIS_URL": redis_url, "FARM_FLOWER_PORT": FLOWER_PORT,
-           "GRADIO_ANALYTICS_ENABLED": "False", **{f"FARM_{k.upper()}": v for k, v in settings.items()}}
-    log_path = OUTPUT / "ui" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ui.app", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    auth = tuple(settings["ui_auth"].split(":", 1)) if "ui_auth" in settings else None
-    return UiApp(f"http://127.0.0.1:{port}", redis_url, process, log_path, auth)  # type: ignore[arg-type]
-
-
-def answers(app: UiApp) -> bool:
-    if app.process.poll() is not None:
-        raise AssertionError(f"the UI exited with {app.process.returncode}:\n{app.log()[-3000:]}")
-    try:
-        urllib.request.urlopen(app.url + "/config", timeout=2)
-    except urllib.error.HTTPError:
-        return True  # it answers (401 when a login is required)
-    except OSError:
-        return False
-    return True
+                 "seed_value": -1, "model_name": None}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +38,9 @@ def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict
     """Four UIs started together (importing gradio takes seconds): on the worker's Redis, on a
     db no worker serves (with a login and a queue limit of 3), on a closed port, and on a db
     whose heartbeats the charts' test writes."""
-    redis_server.client(IDLE_DB).flushdb()
+    own = (IDLE_DB, CHART_DB)
+    for db in own:
+        redis_server.client(db).flushdb()
     started = {
         "farm": launch_ui("farm", farm_worker.redis_url),
         "idle": launch_ui("idle", redis_server.url(IDLE_DB), ui_auth=":".join(AUTH), ui_max_queue="3"),
@@ -96,18 +48,11 @@ def apps(redis_server: RedisServer, farm_worker: WorkerProcess) -> Iterator[dict
         "charts": launch_ui("charts", redis_server.url(CHART_DB)),
     }
     try:
-        for app in started.values():
-            wait_until(lambda app=app: answers(app), 90, f"the UI at {app.url} did not start")
-        yield started
+        with running_uis(started) as running:
+            yield running
     finally:
-        for app in started.values():
-            stop_process(app.process)
-        redis_server.client(IDLE_DB).flushdb()
-        redis_server.client(CHART_DB).flushdb()
-
-
-def generate(app: UiApp, prompt: str, **params: object) -> object:
-    return app.client().submit(prompt, *{**DEFAULTS, **params}.values(), api_name="/generate")
+        for db in own:
+            redis_server.client(db).flushdb()
 
 
 def test_generate_streams_partial_text_then_the_stored_result(apps: dict[str, UiApp]) -> None:
@@ -255,37 +200,29 @@ def test_sixteen_clients_at_once_are_batched(apps: dict[str, UiApp]) -> None:
 
 
 def test_browser_streams_text_and_shows_the_result(apps: dict[str, UiApp]) -> None:
-    from playwright.sync_api import sync_playwright
-
     shots = OUTPUT / "ui"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(apps["farm"].url)
-            page.get_by_role("tab", name="Completion").click()
-            page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
-            page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
-            page.screenshot(path=str(shots / "refused.png"), full_page=True)
-            page.get_by_text("Parameters").click()
-            page.locator("#max-new-tokens input[type=number]").fill("1000")
-            page.locator("#max-new-tokens input[type=number]").press("Enter")
-            page.locator("#max-new-tokens input[type=number]").press("Tab")
-            # What the page will send: under load Gradio may not have taken the typed value yet.
-            asked = int(page.locator("#max-new-tokens input[type=range]").input_value())
-            page.locator("#prompt textarea").fill("Once upon a time")
-            page.evaluate(RECORD_OUTPUT)
-            page.locator("#submit").click()
-            seen = watch_output(page)
-            page.screenshot(path=str(shots / "generate.png"), full_page=True)
-            request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
-            page.get_by_role("tab", name="Farm").click()
-            page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
-            page.wait_for_timeout(1500)  # the charts draw after their data arrives; for the screenshot only
-            page.screenshot(path=str(shots / "farm.png"), full_page=True)
-            run_bulk_job_in_page(page, shots)
-        finally:
-            browser.close()
+    with browser_page(apps["farm"].url) as page:
+        page.get_by_role("tab", name="Completion").click()
+        page.locator("#prompt textarea").press("Enter")  # Enter submits; an empty prompt is refused
+        page.get_by_text("Not sent. The prompt is empty").wait_for(timeout=15000)
+        page.screenshot(path=str(shots / "refused.png"), full_page=True)
+        page.get_by_text("Parameters").click()
+        page.locator("#max-new-tokens input[type=number]").fill("1000")
+        page.locator("#max-new-tokens input[type=number]").press("Enter")
+        page.locator("#max-new-tokens input[type=number]").press("Tab")
+        # What the page will send: under load Gradio may not have taken the typed value yet.
+        asked = int(page.locator("#max-new-tokens input[type=range]").input_value())
+        page.locator("#prompt textarea").fill("Once upon a time")
+        page.evaluate(RECORD_OUTPUT)
+        page.locator("#submit").click()
+        seen = watch_output(page)
+        page.screenshot(path=str(shots / "generate.png"), full_page=True)
+        request_id = page.locator("#request-id input, #request-id textarea").first.input_value()
+        page.get_by_role("tab", name="Farm").click()
+        page.get_by_text(re.compile(r"[1-9][0-9.]* tokens/s over the last minute")).wait_for(timeout=15000)
+        page.wait_for_timeout(1500)  # the charts draw after their data arrives; for the screenshot only
+        page.screenshot(path=str(shots / "farm.png"), full_page=True)
+        run_bulk_job_in_page(page, shots)
     stored = FarmClient(apps["farm"].redis_url).handle(request_id).result(timeout=30)
     assert stored.completion_tokens == asked > 1
     assert seen[-1] == stored.text
@@ -477,50 +414,10 @@ def test_chat_refuses_an_empty_message_and_keeps_the_history(apps: dict[str, UiA
     assert texts(history) == [("user", "hi"), ("assistant", "hello")] and (request_id, box) == ("", "  ")
 
 
-RECORD_ANSWER = """() => {
-    // The last answer's text as the page shows it, sampled in the page (see RECORD_OUTPUT).
-    window.seenAnswers = [];
-    window.answerSampler = setInterval(() => {
-        const rows = document.querySelectorAll('#chatbot .message-row.bot-row');
-        const text = rows.length ? rows[rows.length - 1].innerText.trim() : '';
-        const seen = window.seenAnswers;
-        if (seen.length === 0 || seen[seen.length - 1] !== text) seen.push(text);
-    }, 5);
-}"""
-
-
-def set_max_new_tokens(page: Any, tokens: int) -> None:
-    box = page.locator("#chat-max-new-tokens input[type=number]")
-    box.fill(str(tokens))
-    box.press("Tab")
-    page.wait_for_function("(n) => document.querySelector('#chat-max-new-tokens input[type=range]').value == n",
-                           arg=str(tokens), timeout=15000)
-
-
-def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
-    """Type ``question``, press Enter; the answers' texts seen while it streamed, and its request id."""
-    request_box = page.locator("#chat-request-id textarea, #chat-request-id input").first
-    before = request_box.input_value()
-    page.evaluate(RECORD_ANSWER)
-    page.locator("#chat-message textarea").fill(question)
-    page.locator("#chat-message textarea").press("Enter")
-    # The previous turn's "Done" stays until this turn's request id replaces the previous one.
-    page.wait_for_function(ANSWERED, arg=before, timeout=180000)
-    time.sleep(0.1)
-    seen = page.evaluate("() => { clearInterval(window.answerSampler); return window.seenAnswers; }")
-    return list(seen), request_box.input_value()
-
-
-ANSWERED = """(before) => {
-    const box = document.querySelector('#chat-request-id textarea, #chat-request-id input');
-    const line = document.querySelector('#chat-status');
-    return box && box.value && box.value !== before && line && line.innerText.includes('Done:');
-}"""
-
-
 def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiApp], tiny_model: Path) -> None:
     """A person types a question in the chat, sees the answer stream in, then asks again."""
     with browser_page(apps["farm"].url) as page:
+        page.wait_for_function("() => document.querySelector('#chat-model input').value === 'tiny'", timeout=15000)
         set_max_new_tokens(page, 600)  # long enough to be seen growing on a busy machine
         seen, first_id = ask_in_page(page, "What is the capital of France?")
         set_max_new_tokens(page, 40)  # a short second answer keeps both turns in the screenshot
@@ -533,6 +430,7 @@ def test_browser_chat_streams_answers_and_sends_the_history(apps: dict[str, UiAp
     first, second = farm.handle(first_id).result(timeout=30), farm.handle(second_id).result(timeout=30)
     assert [u.strip() for u in users] == ["What is the capital of France?", "And of Italy?"]
     assert len(bots) == 2 and first.ok and second.ok and first_id != second_id
+    assert first.model == second.model == "tiny"  # the only model, preselected in the picker
     growing = [text for text in seen[:-1] if text]
     assert len(growing) >= 3, [len(t) for t in seen]  # the answer grew in the page before it ended
     assert re.match(r"Done: \d+ tokens in .* tokens/s on cpu@test", line), line
@@ -552,3 +450,4 @@ def test_chat_cancel_keeps_the_partial_answer(apps: dict[str, UiApp]) -> None:
     assert stored.finish_reason == "cancelled" and 0 < stored.completion_tokens < 1024
     assert status == f"**Cancelled** after {stored.completion_tokens} tokens."
     assert texts(history) == [("user", "Tell me a long story"), ("assistant", stored.text)]
+

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from api.batch_store import new_batch
 from protocol.errors import ErrorCode, FarmError, RequestError
 from protocol.heartbeat import WorkerHeartbeat
+from protocol.models import ServedModel
 from protocol.schema import GenerationResult
 from protocol.settings import FarmSettings
-from ui import chat, farm, status
+from ui import batches, chat, farm, status
 from ui.generate import DEFAULT_ADAPTER_CHOICE, request_data
+from ui.models import Picker, interactive_queues, pick
 
 
 def test_status_lines_name_what_a_person_needs() -> None:
@@ -87,3 +90,40 @@ def test_flower_link_follows_the_host_the_browser_used() -> None:
     settings = FarmSettings(flower_port=5601, ui_host="0.0.0.0")
     assert farm.flower_url(settings, "farm.example:7860") == "http://farm.example:5601/"
     assert farm.flower_url(settings, None) == "http://127.0.0.1:5601/"
+
+
+ALPHA = ServedModel("alpha", ("base",), ("a@h",), ("interactive.alpha", "interactive", "bulk.alpha", "bulk"))
+BETA = ServedModel("beta", ("base", "pirate"), ("b@h",), ("interactive.beta", "bulk.beta"))
+
+
+def test_model_picker_preselects_the_only_model_and_keeps_a_choice() -> None:
+    assert pick([ALPHA], None) == Picker(("alpha",), "alpha", (DEFAULT_ADAPTER_CHOICE, "base"))
+    assert pick([ALPHA, BETA], None).model is None  # the person chooses (or FARM_DEFAULT_MODEL does)
+    assert pick([ALPHA, BETA], None, default="beta").model == "beta"
+    assert pick([ALPHA, BETA], "alpha", default="beta").model == "alpha"
+    assert pick([ALPHA, BETA], "gone").model is None
+    assert pick([ALPHA, BETA], "beta").adapters == (DEFAULT_ADAPTER_CHOICE, "base", "pirate")
+    assert pick([ALPHA, BETA], None).adapters == (DEFAULT_ADAPTER_CHOICE, "base", "pirate")
+    assert pick([], None) == Picker((), None, (DEFAULT_ADAPTER_CHOICE,))
+
+
+def test_a_request_waits_behind_its_models_interactive_queues() -> None:
+    """The default model's workers take the plain queue too; another model's only its own."""
+    assert interactive_queues([ALPHA, BETA], "alpha") == ["interactive.alpha", "interactive"]
+    assert interactive_queues([ALPHA, BETA], "beta") == ["interactive.beta"]
+    assert interactive_queues([ALPHA, BETA], None) == ["interactive"]
+    assert request_data("hi", False, {"model": "beta"}) == {"prompt": "hi", "model": "beta"}
+    assert "model" not in request_data("hi", False, {"model": None})
+
+
+def test_batches_table_from_batch_objects() -> None:
+    batch = new_batch("batch_1", "/v1/chat/completions", "file-in", None, 86400)
+    batch.update(status="completed", created_at=0, output_file_id="file-out",
+                 request_counts={"total": 3, "completed": 2, "failed": 1}, error_file_id="file-err")
+    frame = batches.batches_frame([batch])
+    assert list(frame.columns) == batches.BATCH_COLUMNS
+    row = list(frame.iloc[0])
+    assert row[:3] == ["batch_1", "completed", "2/3 completed, 1 failed"] and row[4:] == ["file-out", "file-err"]
+    assert row[3].count(":") == 2 and row[3][:2] in ("19", "20")  # local time of the epoch
+    assert "No batch yet" in batches.note(0, False)
+    assert "1 batch," in batches.note(1, False) and "the newest 20" in batches.note(20, True)

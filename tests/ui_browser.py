@@ -1,9 +1,10 @@
 """A real Chromium (Playwright, Debian's /usr/bin/chromium) on the UI, and what it reads back from
-the rendered page: the Vega-Lite charts' axes and marks as drawn in their SVG."""
+the rendered page: the Vega-Lite charts' axes and marks as drawn in their SVG, the chat's answers."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,4 +92,45 @@ READ_CHART = r"""(title) => {
         return {x, y, points, vertices};
     }
     return null;
+}"""
+
+
+RECORD_ANSWER = """() => {
+    // The last answer's text as the page shows it, sampled in the page (see RECORD_OUTPUT).
+    window.seenAnswers = [];
+    window.answerSampler = setInterval(() => {
+        const rows = document.querySelectorAll('#chatbot .message-row.bot-row');
+        const text = rows.length ? rows[rows.length - 1].innerText.trim() : '';
+        const seen = window.seenAnswers;
+        if (seen.length === 0 || seen[seen.length - 1] !== text) seen.push(text);
+    }, 5);
+}"""
+
+
+def set_max_new_tokens(page: Any, tokens: int) -> None:
+    box = page.locator("#chat-max-new-tokens input[type=number]")
+    box.fill(str(tokens))
+    box.press("Tab")
+    page.wait_for_function("(n) => document.querySelector('#chat-max-new-tokens input[type=range]').value == n",
+                           arg=str(tokens), timeout=15000)
+
+
+def ask_in_page(page: Any, question: str) -> tuple[list[str], str]:
+    """Type ``question``, press Enter; the answers' texts seen while it streamed, and its request id."""
+    request_box = page.locator("#chat-request-id textarea, #chat-request-id input").first
+    before = request_box.input_value()
+    page.evaluate(RECORD_ANSWER)
+    page.locator("#chat-message textarea").fill(question)
+    page.locator("#chat-message textarea").press("Enter")
+    # The previous turn's "Done" stays until this turn's request id replaces the previous one.
+    page.wait_for_function(ANSWERED, arg=before, timeout=180000)
+    time.sleep(0.1)
+    seen = page.evaluate("() => { clearInterval(window.answerSampler); return window.seenAnswers; }")
+    return list(seen), request_box.input_value()
+
+
+ANSWERED = """(before) => {
+    const box = document.querySelector('#chat-request-id textarea, #chat-request-id input');
+    const line = document.querySelector('#chat-status');
+    return box && box.value && box.value !== before && line && line.innerText.includes('Done:');
 }"""

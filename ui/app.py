@@ -19,13 +19,16 @@ from protocol.errors import FarmError, SettingsError
 from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import bulk, chat, farm, status
-from ui.generate import DEFAULT_ADAPTER_CHOICE, Update, cancel, generate, request_data
+from ui.generate import Update, cancel, generate, request_data
+from ui.models import DEFAULT_ADAPTER_CHOICE, Picker, model_dropdown, read_picker
 
 log = logging.getLogger(__name__)
 
 FARM_REFRESH_SECONDS = 2.0
 CLOCK_FORMAT = "%H:%M:%S"
 GenerateOutputs = tuple[str, str, str]
+ModelPicker = tuple[gr.Dropdown, gr.Dropdown]
+"""A tab's model dropdown and the adapter dropdown that follows the chosen model."""
 
 
 def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
@@ -33,22 +36,29 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
     with gr.Blocks(title="batchfarm", analytics_enabled=False) as demo:
         gr.Markdown("## batchfarm\nGeneration requests are queued in Redis and batched by the workers.")
         with gr.Tab("Generate") as generate_tab:
-            adapters = _generate_tab(client, settings)
+            pickers = _generate_tab(client, settings)
         with gr.Tab("Bulk") as bulk_tab:
-            bulk_adapter = bulk.build_tab(client, settings)
+            bulk_parts = bulk.build_tab(client, settings)
         with gr.Tab("Farm") as farm_tab:
             timer, farm_outputs = _farm_tab(client, settings)
-        # Poll the farm only while its tab is open: every open page would otherwise hit Redis.
+        pickers.append((bulk_parts.model, bulk_parts.adapter))
+        # Poll the farm (or the batches) only while its tab is open: every open page would
+        # otherwise hit Redis.
         refresh = _farm_refresher(client, settings)
+        timers = [timer, bulk_parts.timer]
 
         def on_farm_tab(request: gr.Request) -> tuple[Any, ...]:
-            return gr.Timer(active=True), *refresh(request)
+            return gr.Timer(active=True), gr.Timer(active=False), *refresh(request)
 
-        farm_tab.select(on_farm_tab, outputs=[timer, *farm_outputs], api_visibility="private",
+        def on_bulk_tab() -> tuple[Any, ...]:
+            return gr.Timer(active=False), gr.Timer(active=True), *bulk.refresh_batches(client)
+
+        farm_tab.select(on_farm_tab, outputs=[*timers, *farm_outputs], api_visibility="private",
                         show_progress="hidden")
-        for tab in (generate_tab, bulk_tab):
-            tab.select(lambda: gr.Timer(active=False), outputs=timer, api_visibility="private")
-        demo.load(lambda: (_adapter_choices(client),) * 3, outputs=[*adapters, bulk_adapter], api_visibility="private")
+        bulk_tab.select(on_bulk_tab, outputs=[*timers, *bulk_parts.batches], api_visibility="private",
+                        show_progress="hidden")
+        generate_tab.select(lambda: (gr.Timer(active=False),) * 2, outputs=timers, api_visibility="private")
+        _wire_pickers(demo, client, pickers)
         demo.load(refresh, outputs=farm_outputs, api_visibility="private", show_progress="hidden")
     # Each Generate callback spends its life waiting on Redis while the workers batch; a low
     # concurrency limit (Gradio's default is 1) would feed the farm one request at a time and
@@ -59,13 +69,34 @@ def build_app(client: FarmClient, settings: FarmSettings) -> gr.Blocks:
     return demo
 
 
-def _generate_tab(client: FarmClient, settings: FarmSettings) -> list[gr.Dropdown]:
+def _generate_tab(client: FarmClient, settings: FarmSettings) -> list[ModelPicker]:
     """A chat for instruct models, and plain completion (today's ``/generate``) for base models."""
     with gr.Tab("Chat"):
-        chat_adapter = _chat_tab(client, settings)
+        chat_picker = _chat_tab(client, settings)
     with gr.Tab("Completion"):
-        adapter = _completion_tab(client, settings)
-    return [chat_adapter, adapter]
+        picker = _completion_tab(client, settings)
+    return [chat_picker, picker]
+
+
+def _wire_pickers(demo: gr.Blocks, client: FarmClient, pickers: list[ModelPicker]) -> None:
+    """Every model dropdown is filled on page load and read again whenever it is opened (a
+    worker may have come since), keeping the choice; its adapter dropdown follows the model."""
+    def filled(wanted: str | None = None) -> tuple[gr.Dropdown, gr.Dropdown]:
+        return _picker_updates(read_picker(client, wanted))
+
+    for model, adapter in pickers:
+        model.focus(filled, inputs=model, outputs=[model, adapter], api_visibility="private",
+                    show_progress="hidden")
+        model.input(filled, inputs=model, outputs=[model, adapter], api_visibility="private",
+                    show_progress="hidden")
+    demo.load(lambda: filled() * len(pickers), outputs=[w for pair in pickers for w in pair],
+              api_visibility="private", show_progress="hidden")
+
+
+def _picker_updates(picker: Picker) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """The model dropdown, and the adapter dropdown (shown only when there is a choice)."""
+    return (gr.Dropdown(list(picker.models), value=picker.model),
+            gr.Dropdown(list(picker.adapters), value=DEFAULT_ADAPTER_CHOICE, visible=len(picker.adapters) > 2))
 
 
 def _parameters(settings: FarmSettings, prefix: str = "") -> list[Any]:
@@ -76,18 +107,18 @@ def _parameters(settings: FarmSettings, prefix: str = "") -> list[Any]:
                             label="Temperature (0 = greedy)")
     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
     adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
-                          visible=False)
+                          visible=False, elem_id=f"{prefix}adapter")
     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", minimum=-1)
     return [max_new, temperature, top_p, adapter, seed]
 
 
 def _params(new_tokens: float, temp: float, p: float, adapter_name: str | None,
-            seed_value: float | None) -> dict[str, Any]:
+            seed_value: float | None, model_name: str | None = None) -> dict[str, Any]:
     return {"max_new_tokens": new_tokens, "temperature": temp, "top_p": p, "adapter": adapter_name,
-            "seed": seed_value}
+            "seed": seed_value, "model": model_name}
 
 
-def _chat_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
+def _chat_tab(client: FarmClient, settings: FarmSettings) -> ModelPicker:
     with gr.Row():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy"])
@@ -99,8 +130,9 @@ def _chat_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
                 clear = gr.Button("New chat", elem_id="chat-clear")
             line = gr.Markdown("Ready.", elem_id="chat-status")
         with gr.Column(scale=1, min_width=260):
+            model = model_dropdown("chat-model")
             system = gr.Textbox(label="System prompt (optional)", lines=2, elem_id="chat-system")
-            params = _parameters(settings, "chat-")
+            params = [*_parameters(settings, "chat-"), model]
     request_id = gr.Textbox(visible="hidden", elem_id="chat-request-id")  # in the DOM: tests read it
 
     def on_chat(text: str, history: list[chat.Message] | None, system_prompt: str,
@@ -118,14 +150,14 @@ def _chat_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
                api_name="chat_cancel")
     clear.click(lambda: ("Ready.", [], ""), outputs=[line, chatbot, request_id], cancels=[event],
                 api_visibility="private")
-    return params[3]
+    return model, params[3]
 
 
 def _turn(turn: chat.Turn) -> tuple[str, list[chat.Message], str]:
     return turn.status, turn.history, turn.request_id
 
 
-def _completion_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
+def _completion_tab(client: FarmClient, settings: FarmSettings) -> ModelPicker:
     # One line that grows: Gradio submits on Enter only in a one-line box (Shift+Enter adds a line).
     prompt = gr.Textbox(label="Prompt", lines=1, max_lines=12, elem_id="prompt",
                         placeholder=f"Type a prompt (up to {settings.max_prompt_chars} characters); "
@@ -133,10 +165,11 @@ def _completion_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
     with gr.Row():
         submit = gr.Button("Submit", variant="primary", elem_id="submit")
         stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        model = model_dropdown("model")
     with gr.Accordion("Parameters", open=False):
         as_chat = gr.Checkbox(False, label="Chat: send as a user message (the worker applies its chat template)")
         with gr.Row():
-            params = _parameters(settings)
+            params = [*_parameters(settings), model]
     line = gr.Markdown("Ready.", elem_id="status")
     output = gr.Textbox(label="Output", lines=10, interactive=False, elem_id="output")
     request_id = gr.Textbox(label="Request id", interactive=False, elem_id="request-id", max_lines=1)
@@ -148,7 +181,7 @@ def _completion_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
                   outputs=[line, output, request_id], api_name="generate", show_progress="minimal")
     stop.click(lambda rid: _outputs(cancel(client, rid)), inputs=request_id,
                outputs=[line, output, request_id], cancels=[event], api_name="cancel")
-    return params[3]
+    return model, params[3]
 
 
 def _stream(client: FarmClient, data: dict[str, Any]) -> Iterator[GenerateOutputs]:
@@ -171,16 +204,6 @@ def _refused(error: FarmError) -> str:
 
 def _outputs(update: Update) -> GenerateOutputs:
     return update.status, update.text, update.request_id
-
-
-def _adapter_choices(client: FarmClient) -> gr.Dropdown:
-    """The adapters the online workers offer; the dropdown shows only when there is a choice."""
-    try:
-        offered = list(client.limits().adapters or ())
-    except FarmError:
-        offered = []
-    return gr.Dropdown([DEFAULT_ADAPTER_CHOICE, *offered], value=DEFAULT_ADAPTER_CHOICE,
-                       visible=len(offered) > 1)
 
 
 def _farm_tab(client: FarmClient, settings: FarmSettings) -> tuple[gr.Timer, list[Any]]:

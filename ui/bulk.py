@@ -1,5 +1,6 @@
-"""The Bulk tab: upload prompts, run them as a job, follow its progress, download the results;
-reattach to any job by id. The job itself is ``producer.jobs.Job``: this only wires it to widgets."""
+"""The Bulk tab: upload prompts, run them as a job (on the chosen model), follow its progress,
+download the results; reattach to any job by id; the batches made through the HTTP Batch API.
+The job itself is ``producer.jobs.Job``: this only wires it to widgets."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,13 @@ from protocol.errors import FarmError
 from protocol.schema import Limits
 from protocol.settings import FarmSettings
 from ui import status
-from ui.generate import DEFAULT_ADAPTER_CHOICE
+from ui.batches import BATCH_COLUMNS, batches_view
+from ui.models import DEFAULT_ADAPTER_CHOICE, model_dropdown
 
 FOLLOW_SECONDS = 1.0
 """How often a followed job's progress is shown again."""
+BATCHES_REFRESH_SECONDS = 3.0
+"""How often the list of batches is read again while the tab is open."""
 FILE_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt"]
 BulkOutputs = tuple[str, str, str | None]
 
@@ -82,12 +87,24 @@ def progress_html(progress: JobProgress) -> str:
             f"</progress><p>{html.escape(progress.summary())}</p>")
 
 
-def build_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
-    """The tab's widgets and events; returns its adapter dropdown (filled on page load)."""
+@dataclass(frozen=True)
+class BulkTab:
+    """What ``ui.app`` wires of the tab: the model picker (filled on page load) and the list of
+    batches (refreshed by ``timer`` while the tab is open)."""
+
+    model: gr.Dropdown
+    adapter: gr.Dropdown
+    timer: gr.Timer
+    batches: list[Any]
+
+
+def build_tab(client: FarmClient, settings: FarmSettings) -> BulkTab:
+    """The tab's widgets and events."""
     jobs = BulkJobs(client, Path(tempfile.gettempdir()) / "batchfarm-ui-results")
     upload = gr.File(label="Prompts: JSONL (prompt or messages per line), CSV (a prompt column) or text "
                      "(one prompt per line)", file_types=FILE_TYPES, elem_id="bulk-file")
     with gr.Row():
+        model = model_dropdown("bulk-model")
         column = gr.Textbox("prompt", label="CSV prompt column", max_lines=1)
         job_id = gr.Textbox(label="Job id (empty: derived from the prompts; type one to reattach)",
                             max_lines=1, elem_id="job-id")
@@ -98,7 +115,7 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
                                 label="Temperature")
         top_p = gr.Number(1.0, minimum=0.05, maximum=1.0, label="Top-p")
         adapter = gr.Dropdown([DEFAULT_ADAPTER_CHOICE], value=DEFAULT_ADAPTER_CHOICE, label="Adapter (LoRA)",
-                              visible=False)
+                              visible=False, elem_id="bulk-adapter")
     with gr.Row():
         start = gr.Button("Start job", variant="primary", elem_id="start-job")
         attach = gr.Button("Attach to job id", elem_id="attach-job")
@@ -107,8 +124,8 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
     results = gr.File(label="Results (JSONL, input order)", interactive=False, elem_id="job-results")
 
     def on_start(path: str | None, col: str, given_id: str, new_tokens: float, temp: float, p: float,
-                 adapter_name: str) -> tuple[str, str]:
-        return _start(jobs, path, col, given_id, _params(new_tokens, temp, p, adapter_name))
+                 adapter_name: str, model_name: str | None = None) -> tuple[str, str]:
+        return _start(jobs, path, col, given_id, _params(new_tokens, temp, p, adapter_name, model_name))
 
     # Generator functions, not lambdas returning generators: Gradio streams only the former.
     def on_follow(given_id: str) -> Iterator[BulkOutputs]:
@@ -118,19 +135,47 @@ def build_tab(client: FarmClient, settings: FarmSettings) -> gr.Dropdown:
         yield from _follow_started(jobs, started_id)
 
     outputs = [job_id, progress, results]
-    started = start.click(on_start, inputs=[upload, column, job_id, max_new, temperature, top_p, adapter],
+    started = start.click(on_start, inputs=[upload, column, job_id, max_new, temperature, top_p, adapter, model],
                           outputs=[job_id, progress], api_name="start_job")
     started.then(on_started, inputs=job_id, outputs=outputs, api_visibility="private")
     attach.click(on_follow, inputs=job_id, outputs=outputs, api_name="follow_job")
     stop.click(lambda i: _cancel(jobs, i), inputs=job_id, outputs=progress, api_name="cancel_job")
-    return adapter
+    timer, batches = _batches_section(client)
+    return BulkTab(model, adapter, timer, batches)
 
 
-def _params(new_tokens: float | None, temp: float | None, p: float | None, adapter: str | None) -> dict[str, Any]:
+def _batches_section(client: FarmClient) -> tuple[gr.Timer, list[Any]]:
+    """The batches of the HTTP Batch API, newest first, with their live request counts."""
+    gr.Markdown("### Batches (HTTP Batch API)")
+    with gr.Row():
+        note = gr.Markdown("Loading…", elem_id="batches-note")
+        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="batches-refresh")
+    table = gr.Dataframe(headers=BATCH_COLUMNS, interactive=False, label="Batches", elem_id="api-batches")
+
+    def on_refresh() -> tuple[str, Any]:
+        return refresh_batches(client)
+
+    timer = gr.Timer(BATCHES_REFRESH_SECONDS, active=False)
+    outputs = [note, table]
+    refresh.click(on_refresh, outputs=outputs, api_name="batches", show_progress="hidden")
+    timer.tick(on_refresh, outputs=outputs, api_visibility="private", show_progress="hidden", concurrency_limit=8)
+    return timer, outputs
+
+
+def refresh_batches(client: FarmClient) -> tuple[str, Any]:
+    """The note and the table of batches, as they stand now."""
+    view = batches_view(client)
+    return view.note, view.batches
+
+
+def _params(new_tokens: float | None, temp: float | None, p: float | None, adapter: str | None,
+            model: str | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {"max_new_tokens": int(new_tokens or 1), "temperature": float(temp or 0.0),
                               "top_p": float(p or 1.0)}
     if adapter and adapter != DEFAULT_ADAPTER_CHOICE:
         params["adapter"] = adapter
+    if model:
+        params["model"] = model
     return params
 
 

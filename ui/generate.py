@@ -16,6 +16,7 @@ from protocol.errors import ErrorCode, FarmError
 from protocol.names import INTERACTIVE_QUEUE
 from protocol.schema import GenerationRequest, Limits
 from ui import status
+from ui.models import DEFAULT_ADAPTER_CHOICE, interactive_queues
 
 POLL_MS = 500
 """How long one wait on a request's stream blocks before the queue position is refreshed."""
@@ -23,7 +24,7 @@ RESULT_TIMEOUT = 60.0
 """The stored result follows the stream's end event by milliseconds; this only bounds a bug."""
 CANCEL_WAIT = 10.0
 """A running request stops at its next token; longer than this means its worker is gone."""
-DEFAULT_ADAPTER_CHOICE = "(farm default)"
+__all__ = ["DEFAULT_ADAPTER_CHOICE", "Update", "cancel", "follow", "generate", "preflight", "request_data"]
 
 
 @dataclass(frozen=True)
@@ -53,45 +54,54 @@ def request_data(prompt: str, chat: bool, params: dict[str, Any]) -> dict[str, A
 
 
 def preflight(client: FarmClient, data: dict[str, Any]) -> GenerationRequest:
-    """The validated request, or a ``FarmError`` whose message says why it cannot be sent."""
+    """The validated request, or a ``FarmError`` whose message says why it cannot be sent: no
+    worker (for its model), or its model's interactive queue full."""
     settings = client.settings
     GenerationRequest.from_dict(data, Limits.from_settings(settings))  # prompt first, no Redis needed
-    workers = [w for w in client.heartbeats() if w.ready]
-    if not workers:
+    catalog = client.catalog()
+    if not any(w.ready for w in catalog.beats):
         raise FarmError(ErrorCode.NO_WORKER, status.no_worker())
-    depth = client.queue_depths()[INTERACTIVE_QUEUE]
+    request = GenerationRequest.from_dict(data, catalog.limits(settings))
+    catalog.check_served(request, INTERACTIVE_QUEUE)
+    depth = waiting(client, request.model)
     if depth >= settings.ui_max_queue:
         raise FarmError(ErrorCode.QUEUE_FULL, status.queue_full(depth, settings.ui_max_queue))
-    adapters = sorted({a for w in workers for a in w.adapters})
-    return GenerationRequest.from_dict(data, Limits.from_settings(settings, adapters or None))
+    return request
+
+
+def waiting(client: FarmClient, model: str | None) -> int:
+    """Requests waiting in Redis ahead of a new interactive one for ``model``."""
+    depths = client.queue_depths()
+    return sum(depths.get(q, 0) for q in interactive_queues(client.models(), model))
 
 
 def generate(client: FarmClient, data: dict[str, Any]) -> Iterator[Update]:
     """Enqueue, then stream status and text until the request ends. Raises ``FarmError`` when
     refused. Closing the generator early (the person left or pressed Cancel) cancels the request,
     so that nobody's abandoned request keeps a batch slot."""
-    handle = client.send(preflight(client, data))
+    request = preflight(client, data)
+    handle = client.send(request)
     finished = False
     try:
-        yield from follow(client, handle)
+        yield from follow(client, handle, request.model)
         finished = True
     finally:
         if not finished:
             _cancel_quietly(client, handle.id)
 
 
-def follow(client: FarmClient, handle: RequestHandle) -> Iterator[Update]:
+def follow(client: FarmClient, handle: RequestHandle, model: str | None = None) -> Iterator[Update]:
     """Queued (with the depth ahead), running (worker, batch size) with the text so far, then the
     final line; a step at every stream event, and every ``POLL_MS`` while nothing happens."""
     follower = Follower()
-    line = _queued_line(client)
+    line = _queued_line(client, model)
     yield Update(line, follower.text, handle.id)
     # Ends at the stream's end, or when the worker refused it before it reached a batch (no stream).
     for events in handle.follow(follower, block_ms=POLL_MS):
         if any(e["type"] == "start" for e in events):  # a run (re)starts: after a lost worker, an OOM split
             line = status.running(follower.worker, follower.batch_size)
         elif not events:
-            line = _silent_line(client, follower.worker, line) if follower.started else _queued_line(client)
+            line = _silent_line(client, follower.worker, line) if follower.started else _queued_line(client, model)
         yield Update(line, follower.text, handle.id)
     result = handle.result(timeout=RESULT_TIMEOUT)
     yield Update(status.finished(result), result.text or follower.text, handle.id, final=True)
@@ -116,11 +126,11 @@ def cancel(client: FarmClient, request_id: str) -> Update:
     return Update(status.finished(result), result.text, request_id, final=True)
 
 
-def _queued_line(client: FarmClient) -> str:
-    workers = client.heartbeats()
+def _queued_line(client: FarmClient, model: str | None) -> str:
+    workers = [w for w in client.heartbeats() if model is None or w.model_name == model]
     held = sum(w.waiting for w in workers)
     # Until it starts, this request is itself one of those counted: in Redis or held by a worker.
-    ahead = max(0, client.queue_depths()[INTERACTIVE_QUEUE] + held - 1)
+    ahead = max(0, waiting(client, model) + held - 1)
     return status.queued(ahead, len(workers))
 
 
