@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from producer.client import FarmClient
+from tests.ui_server import DEFAULTS
 from tests.conftest import OUTPUT, ROOT, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -168,7 +169,7 @@ def test_generates_through_the_ui_api_and_farm_client(farm: FarmUp) -> None:
     ui_url = f"http://127.0.0.1:{farm.ui_port}/"
     wait_until(lambda: http_get(ui_url)[0] == 200, 90, "the UI did not answer")
     ui = Client(ui_url, verbose=False, download_files=False)
-    status, text, request_id = ui.predict("The farm answers", False, 12, 0.0, 1.0, "(farm default)", None,
+    status, text, request_id = ui.predict("The farm answers", *{**DEFAULTS, "new_tokens": 12}.values(),
                                           api_name="/generate")
     stored = client.handle(request_id).result(timeout=30)
     assert stored.ok and stored.worker == WORKER and text == stored.text

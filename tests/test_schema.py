@@ -3,6 +3,8 @@ every valid request accepted, and the json form round-trips."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import pytest
@@ -13,8 +15,8 @@ from protocol.errors import ErrorCode, RequestError
 from protocol.schema import MAX_STOP_SEQUENCES, GenerationRequest, GenerationResult, Limits
 
 LIMITS = Limits(max_prompt_chars=200, max_new_tokens=64, default_new_tokens=16, adapters=("base", "default"))
-FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "adapter", "ignore_eos")
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.init)
+"""Every field a request may carry (a new one, such as ``model``, is never taken for an unknown one)."""
 
 prompts = st.text(min_size=1, max_size=200).filter(lambda s: s.strip() != "")
 valid_requests = st.fixed_dictionaries(
