@@ -79,7 +79,8 @@ class FarmSettings:
     max_batch_tokens: int = 8192
     """Token budget of one batch: rows × (longest prompt + most new tokens)."""
     max_wait_ms: float = 10.0
-    """How long a lone request waits for batch-mates when the engine is idle."""
+    """Dynamic strategy: how long a lone request waits for batch-mates when the engine is idle.
+    The continuous strategy starts at once (later arrivals join at the next decode step)."""
     max_inflight: int = 64
     """Messages a worker process reserves at once (threads in its pool)."""
     torch_threads: int = 0
