@@ -72,14 +72,18 @@ def _shared_prompts(runner: Any) -> list[str]:
     return prompts
 
 
+def _rows(runner: Any, prompts: list[str], adapters: list[str]) -> list[Any]:
+    return [runner.new_row(f"r{i}", runner.encode(p), GenerationRequest(prompt=p, max_new_tokens=10, adapter=a,
+                                                                        ignore_eos=True))
+            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+
+
 def _generate(runner: Any, prompts: list[str], adapters: list[str], prefix: PrefixCache | None,
               waves: int) -> list[list[int]]:
     """Rows join in ``waves`` (later waves find what earlier ones cached), then run to the end."""
     from worker.engine.kv_slab import ContinuousBatch
 
-    rows = [runner.new_row(f"r{i}", runner.encode(p), GenerationRequest(prompt=p, max_new_tokens=10, adapter=a,
-                                                                        ignore_eos=True))
-            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+    rows = _rows(runner, prompts, adapters)
     batch = ContinuousBatch(runner, prefix)
     size = -(-len(rows) // waves)
     for start in range(0, len(rows), size):
@@ -117,3 +121,18 @@ def test_a_prompt_of_whole_blocks_and_a_tight_budget(runner: Any) -> None:
     cache = PrefixCache(64 * 2**20)
     assert _generate(runner, prompts, adapters, cache, 1) == without
     assert _generate(runner, prompts, adapters, cache, 1) == without
+
+
+@pytest.mark.parametrize(("budget", "prefills"), [(64 * 2**20, [1, 3]), (1, [1, 3])])
+def test_joiners_sharing_uncached_blocks_prefill_one_of_them_first(runner: Any, budget: int,
+                                                                   prefills: list[int]) -> None:
+    from worker.engine.kv_slab import ContinuousBatch
+
+    prompts = _shared_prompts(runner)[:4]
+    batch = ContinuousBatch(runner, PrefixCache(budget))
+    sizes: list[int] = []
+    prefill = batch._join
+    batch._join = lambda rows, observer: (sizes.append(len(rows)), prefill(rows, observer))[1]  # type: ignore
+    batch.join(_rows(runner, prompts, ["base"] * 4), Quiet())
+    assert sizes == prefills  # the lead alone, then the others together (found cached, or not keepable)
+    assert len(batch.rows) == 4

@@ -68,8 +68,9 @@ class ContinuousBatch:
             self._join(rows, observer)
             return
         self._join([lead], observer)
-        try:
-            self.join([row for row in rows if row is not lead], observer)
+        rest = [row for row in rows if row is not lead]
+        try:  # a cache too small to keep the lead's blocks: the others go together, as without one
+            (self.join if self._all_cached(lead) else self._join)(rest, observer)
         except Exception:
             self._discard(lead)  # the core retries every joiner, this one too
             raise
@@ -136,6 +137,10 @@ class ContinuousBatch:
                     return owners[key]
                 owners.setdefault(key, row)
         return None
+
+    def _all_cached(self, row: BatchRow) -> bool:
+        assert self.prefix is not None
+        return all(key in self.prefix for key in self._keys(row)[:reusable_blocks(len(row.input_ids))])
 
     def _discard(self, row: BatchRow) -> None:
         block = self.block
