@@ -79,7 +79,13 @@ class FarmSettings:
     max_batch_tokens: int = 8192
     """Token budget of one batch: rows × (longest prompt + most new tokens)."""
     max_wait_ms: float = 10.0
-    """How long a lone request waits for batch-mates when the engine is idle."""
+    """Dynamic strategy: how long a lone request waits for batch-mates when the engine is idle.
+    The continuous strategy starts at once (later arrivals join at the next decode step)."""
+    prefix_cache_mb: int = 256
+    """Continuous strategy: memory for the prefix cache, which keeps the keys and values of
+    prompts' leading 64-token blocks so that prompts starting alike (a system prompt, a few-shot
+    prefix, a job's instruction) prefill them once; least recently used blocks are evicted.
+    0 turns it off; quantized models (int8, nf4) run without it."""
     max_inflight: int = 64
     """Messages a worker process reserves at once (threads in its pool)."""
     torch_threads: int = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,6 +22,28 @@ PROMPTS = [
     "def f():",
     "Numbers",
 ]
+
+
+class Quiet:
+    """A ``StepObserver`` that streams nowhere and cancels nothing."""
+
+    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
+        return set()
+
+
+def tiny_runner(tiny_model: Path) -> Iterator[Any]:
+    """A ``ModelRunner`` on the tiny model with adapters ``default`` and ``second``, on one torch
+    thread (as a worker here runs it: a tiny model on a busy 2-core CPU); for module fixtures."""
+    from protocol.settings import FarmSettings
+    from worker.engine.model_runner import ModelRunner
+    from worker.model import load_model
+
+    settings = FarmSettings(model=str(tiny_model), adapter=str(tiny_model / "adapter"),
+                            adapters=f"second={tiny_model / 'adapter2'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ModelRunner(load_model(settings, "cpu"))
+    torch.set_num_threads(threads)
 
 
 def stock_model(model_dir: Path, adapters: dict[str, Path] | None = None) -> torch.nn.Module:

@@ -12,29 +12,15 @@ import torch
 
 from producer import FarmClient
 from protocol.schema import GenerationRequest
-from protocol.settings import FarmSettings
 from tests.conftest import RedisServer, WorkerProcess, start_worker, wait_until
-from tests.helpers import PROMPTS, reference_text, submit_all
+from tests.helpers import PROMPTS, Quiet, reference_text, submit_all, tiny_runner
 
 pytestmark = pytest.mark.integration
 
 
-class _Quiet:
-    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-        return set()
-
-
 @pytest.fixture(scope="module")
 def runner(tiny_model: Path) -> Iterator[Any]:
-    from worker.model import load_model
-    from worker.engine.model_runner import ModelRunner
-
-    settings = FarmSettings(model=str(tiny_model), adapter=str(tiny_model / "adapter"),
-                            adapters=f"second={tiny_model / 'adapter2'}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a worker here runs it: a tiny model on a busy 2-core CPU
-    yield ModelRunner(load_model(settings, "cpu"))
-    torch.set_num_threads(threads)
+    yield from tiny_runner(tiny_model)
 
 
 def _rows(runner: Any, prompts: list[str], new_tokens: list[int], adapters: list[str]) -> list[Any]:
@@ -63,17 +49,17 @@ def test_rows_joining_and_leaving_match_plain_generate(runner: Any) -> None:
     lengths = [30, 5, 40, 12, 25, 8, 33, 3]
     rows = _rows(runner, PROMPTS, lengths, ["base"] * len(PROMPTS))
     batch = ContinuousBatch(runner)
-    batch.join(rows[:2], _Quiet())
+    batch.join(rows[:2], Quiet())
     left: list[Any] = []
     for step in range(100):
         if step == 3:
-            batch.join(rows[2:5], _Quiet())  # joiners longer than the running rows
+            batch.join(rows[2:5], Quiet())  # joiners longer than the running rows
         if step == 9:
-            batch.join(rows[5:], _Quiet())  # after the short row left
+            batch.join(rows[5:], Quiet())  # after the short row left
         left += batch.evict()
         if step > 9 and not batch.rows:
             break
-        batch.step(_Quiet())
+        batch.step(Quiet())
     assert {r.request_id for r in left} == {r.request_id for r in rows}
     assert left.index(rows[1]) < left.index(rows[0])  # the short row left first
     for row, prompt, n in zip(rows, PROMPTS, lengths, strict=True):
@@ -87,12 +73,12 @@ def test_one_batch_of_two_adapters_equals_each_adapter_alone(runner: Any, strate
     adapters = ["default", "second", "base", "second", "default", "base", "second", "default"]
     mixed = _rows(runner, PROMPTS, [12] * len(PROMPTS), adapters)
     if strategy == "dynamic":
-        runner.run(mixed, _Quiet())
+        runner.run(mixed, Quiet())
     else:
         batch = ContinuousBatch(runner)
-        batch.join(mixed, _Quiet())
+        batch.join(mixed, Quiet())
         while batch.rows:
-            batch.step(_Quiet())
+            batch.step(Quiet())
             batch.evict()
     for row, prompt, adapter in zip(mixed, PROMPTS, adapters, strict=True):
         assert row.state.tokens == _plain_generate(runner, prompt, 12, adapter), (prompt, adapter)

@@ -41,6 +41,8 @@ def test_quantized_batched_generation_over_mixed_lengths(quant_worker: WorkerPro
     assert all(r.ok and r.completion_tokens == 12 for r in results), [r.error for r in results]
     assert max(r.batch_size for r in results) > 1
     assert "mat1 and mat2" not in quant_worker.log()
+    # Keys and values of another batch need not match what an int8 prefill computes: no prefix cache.
+    assert f"prefix cache off: quantized model ({quant_worker.name.split('@')[0]})" in quant_worker.log()
     if quant_worker.name.startswith("nf4"):
         return  # 4-bit weights of a random tiny model drift too far for a closeness check
     reference = [client.generate(p, max_new_tokens=12, timeout=60).text for p in PROMPTS]

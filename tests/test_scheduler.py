@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.engine.scheduler import DynamicScheduler, Pending, batch_cost, split_for_retry
+from worker.engine.scheduler import ContinuousScheduler, DynamicScheduler, Pending, batch_cost, split_for_retry
 
 
 def pending(rid: str, arrived: float = 0.0, prompt: int = 10, new: int = 10, priority: int = 0,
@@ -17,6 +17,16 @@ def test_waits_for_batch_mates_until_max_wait() -> None:
     assert abs((s.wait_time(1.01) or 0.0) - 0.04) < 1e-9
     assert [p.request_id for p in s.next_batch(1.05)] == ["a"]
     assert s.wait_time(2.0) is None
+
+
+def test_idle_continuous_engine_starts_a_lone_request_at_once() -> None:
+    s = ContinuousScheduler(max_batch_size=4, max_wait_s=10)
+    s.add(pending("a", arrived=1.0))
+    assert s.wait_time(1.0) == 0.0
+    assert [p.request_id for p in s.joiners([], 1.0)] == ["a"]
+    assert s.wait_time(1.0) is None
+    s.add(pending("b", arrived=1.001))
+    assert [p.request_id for p in s.joiners([pending("a", arrived=1.0)], 1.001)] == ["b"]
 
 
 def test_full_batch_starts_at_once_and_respects_size() -> None:

@@ -9,6 +9,26 @@ import sys
 from dataclasses import dataclass, field
 
 
+THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+"""OpenMP settings of a worker process, set before torch is imported (the OpenMP runtime reads
+them once, when it loads): idle OpenMP threads sleep at once instead of spinning. torch's libgomp
+otherwise spins each idle thread for up to ~300,000 iterations (milliseconds) after every parallel
+region, on the same few cores where the worker's Celery, Redis and heartbeat threads (and, on one
+host, Redis itself and the clients) must run between decode steps. ``KMP_*`` say the same to
+Intel's OpenMP runtime, should a torch build use it. A value already in the environment wins."""
+
+
+def with_thread_policy(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``THREAD_POLICY``'s settings added where ``env`` has none of its own."""
+    return {**THREAD_POLICY, **env}
+
+
+def apply_thread_policy() -> None:
+    """Put ``THREAD_POLICY`` into this process's environment; call it before torch is imported."""
+    for key, value in THREAD_POLICY.items():
+        os.environ.setdefault(key, value)
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """One worker process: its Celery node name, torch device and extra environment."""
@@ -35,8 +55,8 @@ def worker_launches(plans: list[WorkerPlan], env: dict[str, str], metrics_port: 
     launches = []
     for index, plan in enumerate(plans):
         name = (env.get("FARM_WORKER_NAME") if len(plans) == 1 else None) or plan.name
-        child_env = {**env, **plan.env, "FARM_WORKER_NAME": name,
-                     "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)}
+        child_env = with_thread_policy({**env, **plan.env, "FARM_WORKER_NAME": name,
+                                        "FARM_METRICS_PORT": str(metrics_port + index if metrics_port else 0)})
         cmd = [sys.executable, "-m", "worker.main", "--device", plan.device, "--in-process", "--loglevel", loglevel]
         launches.append(WorkerLaunch(name, cmd, child_env))
     return launches

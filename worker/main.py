@@ -22,7 +22,7 @@ from protocol.schema import GenerationRequest, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 from worker.transport import install as install_safe_transport
-from worker.devices import WorkerPlan, count_gpus, plan_workers, worker_launches
+from worker.devices import WorkerPlan, apply_thread_policy, count_gpus, plan_workers, worker_launches
 from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
 log = logging.getLogger("batchfarm.worker")
@@ -30,6 +30,7 @@ log = logging.getLogger("batchfarm.worker")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apply_thread_policy()  # before anything imports torch (its OpenMP runtime reads it at load)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FarmSettings.from_env()
     plans = plan_workers(args.device, count_gpus() if args.device != "cpu" else 0)

@@ -7,11 +7,13 @@ a plain left-padded batch on this CPU. Here the running batch is one left-padded
 ``DynamicCache``; joiners are prefilled together and their cache is padded and concatenated in;
 each decode step feeds one token per row with its own position; finished rows are cut out. Every
 row sees exactly what plain ``generate`` shows it (its tokens, its positions, padding masked), so
-greedy fp32 outputs are the same.
+greedy fp32 outputs are the same. With a ``PrefixCache``, a joiner's leading blocks that an
+earlier prompt prefilled come from the cache and only the rest is prefilled (docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from worker.engine.model_runner import ModelRunner
+from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, LayerKV, PrefixCache, block_keys, reusable_blocks
 from worker.engine.runner import BatchRow, StepObserver, advance_rows
 from worker.engine.sampling import RowSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +46,12 @@ class _Block:
 class ContinuousBatch:
     """The running batch on one model. Only the engine's model thread calls it."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, prefix: PrefixCache | None = None) -> None:
         self.runner = runner
+        self.config = _base_config(runner.loaded.model)
+        self.prefix = prefix if prefix is not None and _cacheable(self.config) else None
+        if prefix is not None and self.prefix is None:
+            log.info("prefix cache off: the model has sliding-window layers")
         self.block: _Block | None = None
 
     @property
@@ -51,13 +60,93 @@ class ContinuousBatch:
 
     def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
         """Prefill ``rows``, stream their first token and add them to the batch (rows already
-        done leave at the next ``evict``)."""
+        done leave at the next ``evict``). Joiners that share blocks no cache holds yet: one of
+        them is prefilled first, so that the others find those blocks cached."""
         self.runner.check_faults(rows)
-        ids, mask = self.runner.left_pad([row.input_ids for row in rows])  # [N, S]
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        logits, cache = self._forward(rows, ids, mask, positions, None)
+        lead = self._leader(rows)
+        if lead is None:
+            self._join(rows, observer)
+            return
+        self._join([lead], observer)
+        rest = [row for row in rows if row is not lead]
+        try:  # a cache too small to keep the lead's blocks: the others go together, as without one
+            (self.join if self._all_cached(lead) else self._join)(rest, observer)
+        except Exception:
+            self._discard(lead)  # the core retries every joiner, this one too
+            raise
+
+    def _join(self, rows: list[BatchRow], observer: StepObserver) -> None:
+        cached = [self._cached_blocks(row) for row in rows]
+        ids, mask, positions, cache = self._prefill_inputs(rows, cached)
+        logits, cache = self._forward(rows, ids, mask, positions, cache)
+        if self.prefix is not None:
+            self._keep_blocks(rows, [len(blocks) for blocks in cached], cache, mask.shape[1])
         tokens = self._advance(rows, logits, observer)
         self.block = _merge(self.block, _Block(rows, cache, mask, tokens))
+
+    def _prefill_inputs(self, rows: list[BatchRow], cached: list[list[BlockKV]]) -> tuple[Any, ...]:
+        """Inputs of a prefill after each row's cached blocks: ids [N, S] of the rest, left-padded;
+        mask [N, P+S] and the cache holding the cached blocks in P columns (each row's right-aligned,
+        so that a row reads [pad, cached, pad, rest]; padding is masked); positions [N, S]."""
+        done = [len(blocks) * BLOCK_TOKENS for blocks in cached]
+        ids, mask = self.runner.left_pad([row.input_ids[n:] for row, n in zip(rows, done, strict=True)])
+        offset = torch.tensor(done, device=mask.device)[:, None]
+        positions = (mask.cumsum(-1) - 1 + offset).masked_fill(mask == 0, 0)
+        width = max(done)
+        if width == 0:
+            return ids, mask, positions, None
+        past = torch.tensor([[0] * (width - n) + [1] * n for n in done], device=mask.device, dtype=mask.dtype)
+        cache = _slab_cache(self.config)
+        for index, layer in enumerate(cache.layers):
+            layer.update(*_stack_blocks([[block[index] for block in blocks] for blocks in cached], width))
+        return ids, torch.cat([past, mask], dim=-1), positions, cache
+
+    def _cached_blocks(self, row: BatchRow) -> list[BlockKV]:
+        if self.prefix is None:
+            return []
+        return self.prefix.match(self._keys(row), reusable_blocks(len(row.input_ids)))
+
+    def _keys(self, row: BatchRow) -> list[bytes]:
+        return block_keys(row.input_ids, row.adapter)
+
+    def _keep_blocks(self, rows: list[BatchRow], cached: list[int], cache: Any, width: int) -> None:
+        """Copy each row's newly prefilled full blocks into the prefix cache (token t of a row of
+        length L sits in column width - L + t: rows end at the last column)."""
+        assert self.prefix is not None
+        layers = _layers(cache)
+        for i, row in enumerate(rows):
+            keys, length = self._keys(row), len(row.input_ids)
+            for b in range(cached[i], len(keys)):
+                if keys[b] in self.prefix:
+                    continue
+                start = width - length + b * BLOCK_TOKENS
+                columns = slice(start, start + BLOCK_TOKENS)
+                self.prefix.store(keys[b], [(layer.keys[i, :, columns].clone(), layer.values[i, :, columns].clone())
+                                            for layer in layers])
+
+    def _leader(self, rows: list[BatchRow]) -> BatchRow | None:
+        """The first joiner with a block that another joiner shares and the cache lacks."""
+        if self.prefix is None or len(rows) < 2:
+            return None
+        owners: dict[bytes, BatchRow] = {}
+        for row in rows:
+            for key in self._keys(row)[:reusable_blocks(len(row.input_ids))]:
+                if key in self.prefix:
+                    continue
+                if key in owners and owners[key] is not row:
+                    return owners[key]
+                owners.setdefault(key, row)
+        return None
+
+    def _all_cached(self, row: BatchRow) -> bool:
+        assert self.prefix is not None
+        return all(key in self.prefix for key in self._keys(row)[:reusable_blocks(len(row.input_ids))])
+
+    def _discard(self, row: BatchRow) -> None:
+        block = self.block
+        if block is not None:
+            keep = [i for i, other in enumerate(block.rows) if other is not row]
+            self.block = _trim(_select(block, keep)) if keep else None
 
     def step(self, observer: StepObserver) -> None:
         """One decode step: one new token for every running row."""
@@ -90,7 +179,7 @@ class ContinuousBatch:
     def _forward(self, rows: list[BatchRow], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> tuple[torch.Tensor, Any]:
         model = self.runner.loaded.model
-        cache = cache if cache is not None else _slab_cache(_base_config(model))
+        cache = cache if cache is not None else _slab_cache(self.config)
         with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1, **adapter_kwargs)
@@ -149,6 +238,24 @@ def _slab_cache(config: Any) -> Any:
     cache = DynamicCache(config=config)
     cache.layers = [_SlabLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _cacheable(config: Any) -> bool:
+    """Whether every layer's cache is a plain full-attention one (a sliding window keeps no prefix)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def _stack_blocks(rows: list[list[LayerKV]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values [N, H, width, D] from each row's cached blocks, right-aligned."""
+    sample = next(blocks[0] for blocks in rows if blocks)[0]  # [H, BLOCK, D]
+    heads, _, dim = sample.shape
+    keys = sample.new_zeros((len(rows), heads, width, dim))
+    values = sample.new_zeros((len(rows), heads, width, dim))
+    for i, blocks in enumerate(rows):
+        if blocks:
+            keys[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([k for k, _ in blocks], dim=1)
+            values[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([v for _, v in blocks], dim=1)
+    return keys, values
 
 
 def _base_config(model: Any) -> Any:

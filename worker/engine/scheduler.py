@@ -116,17 +116,21 @@ def split_for_retry(items: list[T]) -> list[list[T]]:
 class ContinuousScheduler(DynamicScheduler):
     """Continuous batching: waiting requests join the running batch at any decode step.
 
-    An idle engine still waits up to ``max_wait_s`` so that requests arriving together are
-    prefilled together; while a batch runs, joiners are taken at once, up to ``max_batch_size``
-    rows and the token budget (counted as if all rows were as long as the longest).
+    Waiting requests are taken at once, up to ``max_batch_size`` rows and the token budget
+    (counted as if all rows were as long as the longest), an idle engine's too: ``max_wait_s`` is
+    the dynamic strategy's. A request arriving a moment after a lone one joins it at the next
+    decode step, so waiting for batch-mates would only delay the lone user (by the whole wait, at
+    every request of a single client).
     """
+
+    def wait_time(self, now: float) -> float | None:
+        """Waiting requests are due at once; ``None`` when nothing waits."""
+        return 0.0 if self.waiting else None
 
     def joiners(self, running: list[Pending], now: float) -> list[Pending]:
         """Waiting requests to add to the running batch now (may be empty)."""
         room = self.max_batch_size - len(running)
         if room <= 0 or not self.waiting:
-            return []
-        if not running and (self.wait_time(now) or 0.0) > 0:
             return []
         chosen = self._fill_around(running, sorted(self.waiting, key=lambda p: p.order), room,
                                    self.token_budget(now))
