@@ -1,4 +1,4 @@
-"""``farm-openai``: the farm behind ``farm api``, driven by the same OpenAI client code as
+"""``farm-openai``: the farm behind ``farm api``, driven by the same ``openai`` SDK client code as
 ``transformers-serve`` (``bench.serve.stream_completion``); and ``ApiProcess``, one ``farm api``
 process on loopback (the load test and the API tests start theirs through it)."""
 
@@ -17,7 +17,8 @@ from bench.workload import Clock, Job, Run, Sample, closed_loop
 from protocol.settings import project_root
 
 START_TIMEOUT_S = 60.0
-FARM_FIELDS = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+FARM_FIELDS = {"ignore_eos": True}
+"""The farm's own request field (``ignore_eos``), as every mode generates its full length."""
 
 
 class ApiProcess:
@@ -62,23 +63,23 @@ class ApiProcess:
 
 
 class FarmOpenAI:
-    """``farm api`` in front of a ``bench.farm.FarmUnderTest``."""
+    """``farm api`` in front of a ``bench.farm.FarmUnderTest``, driven through the ``openai`` SDK."""
 
     def __init__(self, redis_url: str, model: str, logdir: Path, clients: int) -> None:
         from api.farm import model_id
+        from bench.serve import openai_client
 
         self.model = model_id(model)
         self.api = ApiProcess(redis_url, logdir, api_max_queue=max(256, 4 * clients))
-        self.http = httpx.Client(base_url=self.api.root, timeout=600.0,
-                                 limits=httpx.Limits(max_connections=max(256, clients)))
+        self.client = openai_client(self.api.base_url)
 
     def complete(self, job: Job) -> Sample:
         from bench.serve import stream_completion
 
-        return stream_completion(self.http, self.model, job, Clock(), FARM_FIELDS)
+        return stream_completion(self.client, self.model, job, Clock(), FARM_FIELDS)
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
         self.api.close()
 
 

@@ -26,16 +26,20 @@ class FarmUnderTest:
     """A private redis-server and one CPU worker with the given strategy."""
 
     def __init__(self, model: str, strategy: str, threads: int, max_batch: int, max_new_tokens: int,
-                 logdir: Path) -> None:
-        self.strategy = strategy
-        self.redis_process, self.url = start_redis(logdir / f"redis-{strategy}")
+                 logdir: Path, prompt_tokens: int = 512, extra_env: dict[str, str] | None = None,
+                 tag: str = "") -> None:
+        """``prompt_tokens``: the longest prompt the batch token budget must hold for ``max_batch``
+        rows; ``extra_env`` adds settings of the worker; ``tag`` names its logs (default: the strategy)."""
+        self.strategy, tag = strategy, tag or strategy
+        self.redis_process, self.url = start_redis(logdir / f"redis-{tag}")
         env = {**os.environ, "PYTHONPATH": str(project_root()), "FARM_REDIS_URL": self.url, "FARM_MODEL": model,
                "FARM_STRATEGY": strategy, "FARM_WORKER_NAME": WORKER_NAME, "FARM_TORCH_THREADS": str(threads),
                "FARM_MAX_BATCH_SIZE": str(max_batch), "FARM_MAX_INFLIGHT": str(max(64, max_batch)),
-               "FARM_MAX_BATCH_TOKENS": str(max_batch * (max_new_tokens + 512)),
+               "FARM_MAX_BATCH_TOKENS": str(max_batch * (max_new_tokens + prompt_tokens)),
                "FARM_MAX_NEW_TOKENS": str(max(1024, max_new_tokens)), "FARM_HEARTBEAT_SECONDS": "1",
-               "FARM_ADAPTER": "", "FARM_ADAPTERS": "", "FARM_QUANT": "none", "FARM_DTYPE": "float32"}
-        self.log_path = logdir / f"worker-{strategy}.log"
+               "FARM_ADAPTER": "", "FARM_ADAPTERS": "", "FARM_QUANT": "none", "FARM_DTYPE": "float32",
+               **(extra_env or {})}
+        self.log_path = logdir / f"worker-{tag}.log"
         with open(self.log_path, "wb") as log:
             self.worker = subprocess.Popen([sys.executable, "-m", "worker.main", "--device", "cpu"], env=env,
                                            cwd=project_root(), stdout=log, stderr=subprocess.STDOUT)

@@ -1,4 +1,5 @@
-"""Benchmark output: the table, the JSON record, the PNG plot, and the targets of issue 6."""
+"""Benchmark output: the tables, the JSON record, the PNG plot, the targets of issue 6 and the
+per-model text of a sweep (bounds, decode step, issue 17's checks)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.acceptance import Check, checks_table, checks_text, find_row
+
 COLUMNS = [("mode", "mode", "{}"), ("concurrency", "N", "{}"), ("requests", "req", "{}"),
            ("tokens_per_s", "tok/s", "{:.1f}"), ("requests_per_s", "req/s", "{:.2f}"),
            ("latency_p50", "p50 s", "{:.2f}"), ("latency_p95", "p95 s", "{:.2f}"),
-           ("ttft_p50", "TTFT p50 s", "{:.3f}"), ("identical", "= seq", "{}")]
+           ("ttft_p50", "TTFT p50 s", "{:.3f}"), ("identical", "= seq", "{}"),
+           ("of_batch1_bw", "of bw b1", "{:.0%}"), ("of_batch16_bw", "of bw b16", "{:.0%}"),
+           ("of_compute", "of compute", "{:.0%}")]
+"""The last three: tok/s as a fraction of the model's batch-1 and batch-16 bandwidth bounds and of
+its compute bound (``bench.bounds``)."""
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -45,20 +52,13 @@ def _cell(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def _find(rows: list[dict[str, Any]], mode: str, concurrency: int) -> dict[str, Any] | None:
-    for row in rows:
-        if row["mode"] == mode and row["concurrency"] == concurrency and not row.get("unavailable"):
-            return row
-    return None
-
-
 def targets(rows: list[dict[str, Any]], mixed: list[dict[str, Any]], at: int = 16) -> list[dict[str, Any]]:
     """Issue 6's targets as measured ratios (``None`` where a mode did not run)."""
     farms = [r for r in rows if r["mode"].startswith("farm") and r["concurrency"] == at and not r.get("unavailable")]
     best = max(farms, key=lambda r: r["tokens_per_s"], default=None)
     out = []
     for peer, minimum in (("transformers-serve", 1.0), ("static-batch", 1.0), ("gradio-concurrency", 5.0)):
-        other = _find(rows, peer, at)
+        other = find_row(rows, peer, at)
         ratio = best["tokens_per_s"] / other["tokens_per_s"] if best and other and other["tokens_per_s"] else None
         met = ratio is not None and ratio >= minimum
         mode = best["mode"] if best else None
@@ -71,7 +71,7 @@ def targets(rows: list[dict[str, Any]], mixed: list[dict[str, Any]], at: int = 1
 
 
 def _latency_target(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    seq = _find(rows, "sequential", 1)
+    seq = find_row(rows, "sequential", 1)
     farms = [r for r in rows if r["mode"].startswith("farm") and r["concurrency"] == 1 and not r.get("unavailable")]
     best = min(farms, key=lambda r: r["latency_p50"], default=None)
     if not seq or not best:
@@ -145,3 +145,42 @@ def _level(rows: list[dict[str, Any]], xs: tuple[Any, ...], tps: tuple[Any, ...]
            lat: tuple[Any, ...]) -> tuple[list[Any], list[Any], list[Any]]:
     levels = sorted({r["concurrency"] for r in rows}) or list(xs)
     return levels, [tps[0]] * len(levels), [lat[0]] * len(levels)
+
+
+def bounds_text(record: dict[str, Any]) -> str:
+    """The machine's measurements and the model's bounds, in one paragraph."""
+    m, b = record["machine"], record["bounds"]
+    return (f"Machine: copy {m['copy_gb_s']} GB/s, fp32 2048x2048 matmul {m['matmul_gflop_s']} GFLOP/s on "
+            f"{m['threads']} thread(s). {record['label']}: {b['params'] / 1e6:.1f}M parameters, "
+            f"{b['weight_bytes'] / 1e6:.0f} MB of weights; bandwidth-bound {b['batch1_tok_s']:.1f} tok/s at batch 1, "
+            f"{b['batch16_tok_s']:.0f} at batch 16; compute-bound {b['compute_tok_s']:.0f} tok/s.")
+
+
+def step_text(step: dict[str, Any] | None) -> str:
+    if not step:
+        return ""
+    ops = step["operators"]
+    return (f"Decode step of {step['rows']} rows (engine code): {step['step_ms']} ms, {step['tokens_per_s']} tok/s "
+            f"= {step['of_batch16_bw']:.0%} of the batch-16 bandwidth bound; self CPU time: matmul "
+            f"{ops['matmul']:.0%}, attention {ops['attention']:.0%}, other {ops['other']:.0%} "
+            f"(top operators: {step['profile_file']}).")
+
+
+def model_text(record: dict[str, Any]) -> str:
+    """One model's markdown: bounds, runs, scenarios, issue 6's targets and issue 17's checks."""
+    prefix = record.get("shared_prefix")
+    parts = [f"## {record['label']} ({record['model']})", bounds_text(record), step_text(record.get("step")),
+             table(record["results"]), mixed_table(record["mixed"]) if record["mixed"] else "",
+             (f"Shared prefix of {prefix['tokens']} tokens, N={prefix['concurrency']}:\n\n" + table(prefix["results"]))
+             if prefix else "",
+             targets_table(record["targets"]),
+             checks_table(record["label"], [Check(**c) for c in record["acceptance"]])]
+    return "\n\n".join(part for part in parts if part)
+
+
+def sweep_text(records: list[dict[str, Any]]) -> str:
+    """Issue 17's checks of every model, one line each, and how many passed."""
+    lines = [checks_text(r["label"], [Check(**c) for c in r["acceptance"]]) for r in records]
+    every = [c["status"] for r in records for c in r["acceptance"]]
+    counts = ", ".join(f"{every.count(s)} {s}" for s in ("PASS", "FAIL", "N/A", "INFO") if s in every)
+    return "\n".join(lines) + f"\n\nissue 17 targets over {len(records)} model(s): {counts}"

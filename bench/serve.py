@@ -1,5 +1,5 @@
 """``transformers-serve``: ``transformers serve --continuous-batching`` on the same local model,
-driven over HTTP (OpenAI ``/v1/completions``, streamed) by N client threads."""
+driven over HTTP (OpenAI ``/v1/completions``, streamed, through the ``openai`` SDK) by N client threads."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.procs import free_port, stop
 from bench.workload import Clock, Job, Run, Sample, closed_loop
@@ -48,58 +46,73 @@ class ServeServer:
         self.log_path = logdir / "transformers-serve.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600.0,
-                                 limits=httpx.Limits(max_connections=256))
-        self._wait_ready()
+        self.client = openai_client(f"http://127.0.0.1:{self.port}/v1")
+        # EOS ignored as in every mode: a generation config of the request's own (transformers
+        # serve's extension), the model's with no end-of-sequence token (-1: none).
+        self.extra = {"generation_config": json.dumps({**_generation_config(model), "eos_token_id": -1})}
+        try:
+            self._wait_ready()
+        except RuntimeError:
+            self.close()
+            raise
 
     def _wait_ready(self) -> None:
+        import openai
+
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"transformers serve exited: {self.log_tail()}")
             try:
-                if self.http.get("/v1/models").status_code == 200:
-                    self.complete(Job(-1, "warm up", 2), Clock())
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+                self.client.models.list()
+            except openai.APIError:
+                time.sleep(0.5)
+                continue
+            self.complete(Job(-1, "warm up", 2), Clock())
+            return
         raise RuntimeError(f"transformers serve not ready after {START_TIMEOUT_S}s: {self.log_tail()}")
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-800:]
 
     def complete(self, job: Job, clock: Clock) -> Sample:
-        return stream_completion(self.http, self.model, job, clock)
+        return stream_completion(self.client, self.model, job, clock, self.extra)
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
         stop(self.process)
 
 
-def stream_completion(http: httpx.Client, model: str, job: Job, clock: Clock,
-                      extra: dict[str, Any] | None = None) -> Sample:
-    """One streamed OpenAI ``/v1/completions`` request: the client code of every OpenAI-speaking
-    mode (``transformers-serve``, ``farm-openai``), so they are compared through one client;
-    ``extra`` adds a server's own fields."""
-    body = {"model": model, "prompt": job.prompt, "max_tokens": job.new_tokens, "temperature": 0,
-            "stream": True, **(extra or {})}
+def _generation_config(model: str) -> dict[str, Any]:
+    path = Path(model) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config.pop("transformers_version", None)
+    return {**config, "do_sample": False}
+
+
+def openai_client(base_url: str) -> Any:
+    """The OpenAI SDK client of every OpenAI-speaking mode: no retries (a failed request is a
+    data point); its default pool keeps 100 connections alive, more than the most clients."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600.0)
+
+
+def stream_completion(client: Any, model: str, job: Job, clock: Clock, extra: dict[str, Any] | None = None) -> Sample:
+    """One streamed OpenAI ``/v1/completions`` request through the ``openai`` SDK: the client code
+    of every OpenAI-speaking mode (``transformers-serve``, ``farm-openai``), so they are compared
+    through one client; ``extra`` adds a server's own fields to the body."""
+    stream = client.completions.create(model=model, prompt=job.prompt, max_tokens=job.new_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}, extra_body=extra)
     parts: list[str] = []
     usage = None
-    with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(str(event["error"]))
-            text = event["choices"][0].get("text") or "" if event.get("choices") else ""
-            if text:
-                clock.token()
-                parts.append(text)
-            usage = event.get("usage") or usage
-    tokens = int(usage["completion_tokens"]) if usage else 0
+    for chunk in stream:
+        text = chunk.choices[0].text if chunk.choices else ""
+        if text:
+            clock.token()
+            parts.append(text)
+        usage = chunk.usage or usage
+    tokens = int(usage.completion_tokens) if usage else 0
     return clock.sample(job, tokens, "".join(parts))
 
 

@@ -14,17 +14,44 @@ PROMPT_WORDS = (6, 28, 12, 36, 9, 20, 31, 15)
 """Prompt lengths in words, cycled: a mix of short and long prompts (about 10 to 50 tokens)."""
 
 
-def make_prompts(count: int) -> list[str]:
-    """``count`` deterministic English prompts of mixed lengths (Python's own help texts)."""
+def _words() -> list[str]:
     from pydoc_data.topics import topics
 
-    words = " ".join(topics[key] for key in sorted(topics)).split()
+    return " ".join(topics[key] for key in sorted(topics)).split()
+
+
+def make_prompts(count: int) -> list[str]:
+    """``count`` deterministic English prompts of mixed lengths (Python's own help texts)."""
+    words = _words()
     prompts, start = [], 0
     for i in range(count):
         size = PROMPT_WORDS[i % len(PROMPT_WORDS)]
         prompts.append(" ".join(words[start:start + size]))
         start += size * 7 + 13
     return prompts
+
+
+def shared_prefix(tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """English text (from the end of the help texts, away from the prompts) of as many whole
+    words as fit in ``tokens`` tokens, counted by ``count_tokens`` (the model's tokenizer, without
+    special tokens)."""
+    if tokens < 1:
+        raise ValueError(f"--shared-prefix must be at least 1 token, got {tokens}")
+    words = _words()[-4 * tokens:]
+    low, high = 0, min(len(words), tokens)  # every word is at least one token
+    while low < high:  # the most words whose text fits
+        middle = (low + high + 1) // 2
+        if count_tokens(" ".join(words[:middle])) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[:low])
+
+
+def with_prefix(prefix: str, prompts: list[str]) -> list[str]:
+    """Every prompt behind the same prefix, on a line of its own (the prefix's tokens do not
+    merge with the prompt's)."""
+    return [f"{prefix}\n\n{prompt}" for prompt in prompts]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("ops.up", "run the whole farm on this machine (Redis if needed, workers, Flower, UI)"),
     "worker": ("worker.main", "start worker processes (--device cpu|cuda:N|auto)"),
-    "make-model": ("ops.make_model", "build a local model, tokenizer and LoRA adapters (--size tiny|demo|bench)"),
+    "make-model": ("ops.make_model", "build a local model and its adapters (--size tiny|demo|bench|llama32k)"),
     "submit": ("producer.cli", "run a bulk job from a JSONL/CSV/text file, results in input order"),
     "job": ("producer.cli", "status or cancel a bulk job: farm job status|cancel ID"),
     "generate": ("producer.cli", "generate one completion and stream it to the terminal"),

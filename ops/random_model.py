@@ -1,4 +1,5 @@
-"""The random-weight sizes (``tiny`` for tests, ``bench`` for throughput) and their LoRA adapters.
+"""The random-weight sizes (``tiny`` for tests, ``bench`` and ``llama32k`` for throughput; recipes in
+`ops.model_specs`) and their LoRA adapters.
 
 A Llama-architecture causal LM with a byte-level BPE tokenizer trained on English text that ships
 with Python (`pydoc_data.topics`), so it builds offline; its two adapters are seeded random LoRA
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -18,6 +18,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ops.model_specs import Spec
 
 Progress = Callable[[str, float], None]
 
@@ -32,38 +34,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class Spec:
-    """Recipe of one size.
-
-    `init_range` was chosen by measuring, over many prompts, the smallest top-1 logit gap against
-    the batched-vs-single logit difference: a tiny init (0.02) gives near-bigram, degenerate output,
-    while a large one (0.3+) makes attention so peaky that float noise grows faster than the gaps.
-    ~0.05-0.1 keeps the gap 15-80x above the noise, so greedy output is batch invariant.
-    """
-
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    context: int
-    init_range: float
-    # Relative size of the LoRA update vs the base projection it adapts.
-    lora_strength: float = 0.5
-    seed: int = 1234
-
-
-SPECS: dict[str, Spec] = {
-    "tiny": Spec(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, context=2048,
-                 init_range=0.1),
-    # ~98M parameters; the tokenizer trainer stops near 9.2k tokens on this text, so 32k is out of reach.
-    "bench": Spec(vocab=8192, hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, context=2048,
-                  init_range=0.05),
-}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -111,7 +81,7 @@ def _wrap_tokenizer(tok: Tokenizer, context: int) -> PreTrainedTokenizerFast:
 
 def _llama_config(spec: Spec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        vocab_size=max(len(tokenizer), spec.model_vocab), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         intermediate_size=spec.intermediate, max_position_embeddings=spec.context,
         initializer_range=spec.init_range, bos_token_id=tokenizer.bos_token_id,
@@ -136,13 +106,14 @@ def _new_model(spec: Spec, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausal
 
 @torch.no_grad()
 def _silence_special_tokens(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    """Zero the lm_head rows of special tokens in a random model.
+    """Zero the lm_head rows of special tokens (and of vocabulary padding) in a random model.
 
     Their logit is then exactly 0, far below the top logit, so greedy output never stops early at
     eos nor emits pad: tests and benchmarks get full-length outputs.
     """
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (UNK, BOS, EOS, PAD)]
     model.lm_head.weight[ids] = 0.0
+    model.lm_head.weight[len(tokenizer):] = 0.0  # padding rows of a vocabulary wider than the tokenizer
 
 
 def count_params(model: torch.nn.Module) -> int:
