@@ -72,15 +72,18 @@ def with_fractions(rows: list[dict[str, Any]], bounds: Bounds) -> list[dict[str,
 
 def measure(threads: int, repeats: int = 5) -> Machine:
     """Copy bandwidth and matmul throughput on ``threads`` torch threads (the best of ``repeats``:
-    a bound is what the machine can do, not what it did while busy)."""
+    a bound is what the machine can do, not what it did while busy), off the main thread as the
+    worker's model thread runs."""
+    from bench.workload import off_main_thread
+
+    return off_main_thread(lambda: _measure(threads, repeats))
+
+
+def _measure(threads: int, repeats: int) -> Machine:
     import torch
 
-    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        return Machine(round(_copy_gb_s(repeats), 2), round(_matmul_gflop_s(repeats), 1), threads)
-    finally:
-        torch.set_num_threads(before)
+    return Machine(round(_copy_gb_s(repeats), 2), round(_matmul_gflop_s(repeats), 1), threads)
 
 
 def _copy_gb_s(repeats: int) -> float:
