@@ -37,7 +37,7 @@ PREFIX_MODES = ("static-batch", "transformers-serve", "farm-dynamic", "farm-cont
                 NO_PREFIX_CACHE)
 """The modes of the shared-prefix scenario (unbatched ``gradio-concurrency`` left out: no target
 names it and 16 threads of 500-token prompts take minutes)."""
-PREFIX_CACHE_OFF = {"FARM_PREFIX_CACHE": "0"}
+PREFIX_CACHE_OFF = {"FARM_PREFIX_CACHE_MB": "0"}  # the engine's switch (worker/engine/prefix_cache.py)
 """The worker setting of ``farm-no-prefix-cache``: the continuous farm with its prefix cache off."""
 PROMPT_TOKENS = 512
 """Room for the longest prompt in the farm's batch token budget (the prompts are 10-50 tokens)."""

@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import redis
 
 from bench.api import ApiProcess
+from protocol.names import model_queue
 from tests.api_server import start_api
 from tests.conftest import ROOT, RedisServer, WorkerProcess, wait_until
 
@@ -63,18 +66,23 @@ def test_a_key_over_its_requests_per_minute_gets_429(keyed_api: ApiProcess) -> N
 def test_a_key_over_its_concurrency_gets_429_until_its_request_ends(keyed_api: ApiProcess,
                                                                        farm_worker: WorkerProcess) -> None:
     gamma = sdk(keyed_api, KEYS[2])
-    body = {"model": "tiny", "prompt": "long", "max_tokens": 1024, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 8, "stream": True}
     headers = {"Authorization": f"Bearer {KEYS[2]}"}
-    with httpx.stream("POST", f"{keyed_api.base_url}/completions", json=body, headers=headers, timeout=60) as held:
-        assert next(line for line in held.iter_lines() if line.startswith("data: "))
-        os.kill(farm_worker.process.pid, signal.SIGSTOP)  # the held request cannot end meanwhile
-        try:
+    queue = redis.Redis.from_url(farm_worker.redis_url)
+    os.kill(farm_worker.process.pid, signal.SIGSTOP)  # the held request waits in its queue: it cannot end
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(lambda: httpx.post(f"{keyed_api.base_url}/completions", json=body, headers=headers,
+                                                  timeout=120).text)
+            wait_until(lambda: queue.llen(model_queue("interactive", "tiny")) == 1, 30, "the held request was not sent")
             with pytest.raises(openai.RateLimitError) as caught:
                 gamma.completions.create(model="tiny", prompt="second", max_tokens=2)
-        finally:
             os.kill(farm_worker.process.pid, signal.SIGCONT)
-        assert caught.value.code == "concurrency_limit_exceeded"
-        assert caught.value.response.headers["retry-after"] == "1"
+            assert "data: [DONE]" in held.result(timeout=120)
+    finally:
+        os.kill(farm_worker.process.pid, signal.SIGCONT)
+    assert caught.value.code == "concurrency_limit_exceeded"
+    assert caught.value.response.headers["retry-after"] == "1"
     wait_until(lambda: _succeeds(gamma), 30, "the key's slot was not released when its stream closed")
 
 
