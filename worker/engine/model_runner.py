@@ -72,9 +72,11 @@ class ModelRunner:
         self.check_faults(rows)
         input_ids, mask = self.left_pad([row.input_ids for row in rows])
         stepper = _Stepper(rows, self.decode, observer)
+        # eos_token_id=[], not None: generate fills None in from the model's config and would stop a
+        # row at EOS that ignores it; the rows' own stop rules (RowState) end them.
         config = GenerationConfig(
             max_new_tokens=max(row.request.max_new_tokens for row in rows), do_sample=False,
-            pad_token_id=self.pad_id, eos_token_id=None, bos_token_id=None)
+            pad_token_id=self.pad_id, eos_token_id=[], bos_token_id=None)
         with torch.inference_mode(), self.adapters(rows) as adapter_kwargs:
             self.loaded.model.generate(
                 input_ids=input_ids, attention_mask=mask, generation_config=config,
