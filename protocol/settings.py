@@ -74,8 +74,8 @@ class FarmSettings:
     """Batching strategy of the engine: ``continuous`` (requests join and leave the running batch at
     every step; the default: faster under load and short requests are not held behind long ones,
     see README "Performance") or ``dynamic`` (group, run to completion)."""
-    max_batch_size: int = 16
-    """Most requests in one batch."""
+    max_batch_size: int = 64
+    """Most requests in one batch: a ceiling; ``max_batch_tokens`` decides how many fit."""
     max_batch_tokens: int = 8192
     """Token budget of one batch: rows × (longest prompt + most new tokens)."""
     max_wait_ms: float = 10.0
@@ -86,6 +86,10 @@ class FarmSettings:
     prompts' leading 64-token blocks so that prompts starting alike (a system prompt, a few-shot
     prefix, a job's instruction) prefill them once; least recently used blocks are evicted.
     0 turns it off; quantized models (int8, nf4) run without it."""
+    prefill_chunk_tokens: int = 512
+    """Continuous strategy: while rows run, requests joining them are prefilled in chunks of at
+    most this many tokens (rows × prompt columns) per decode step, so that a long prompt joining
+    does not stall the running rows for its whole prefill; 0 prefills joiners at once."""
     max_inflight: int = 64
     """Messages a worker process reserves at once (threads in its pool)."""
     torch_threads: int = 0

@@ -85,28 +85,55 @@ class FakeRunner:
 class FakeBatch:
     """``RunningBatch`` on the fake runner: prefill gives each joiner its first token."""
 
-    def __init__(self, runner: FakeRunner) -> None:
+    def __init__(self, runner: FakeRunner, prefill_steps: int = 0) -> None:
         self.runner = runner
-        self.rows: list[BatchRow] = []
+        self.running: list[BatchRow] = []
         self.joins: list[list[str]] = []
+        self.prefill_steps = prefill_steps
+        """Joiners arriving while rows run take this many more steps to prefill (chunked prefill)."""
+        self.filling: list[BatchRow] = []
+        self._chunks_left = 0
+        self.stepped_while_filling = 0
+        """Decode steps the running rows took while joiners were being prefilled."""
+
+    @property
+    def rows(self) -> list[BatchRow]:
+        return self.running + self.filling
+
+    @property
+    def joining(self) -> bool:
+        return bool(self.filling)
 
     def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
+        assert not self.filling, "joined during a chunked prefill"
         self.joins.append([row.request_id for row in rows])
         raise_injected_faults(rows)
+        if self.running and self.prefill_steps:
+            self.filling, self._chunks_left = rows, self.prefill_steps
+            return
+        self._joined(rows, observer)
+
+    def _joined(self, rows: list[BatchRow], observer: StepObserver) -> None:
         self.runner.step(rows, observer)
-        self.rows = self.rows + rows
+        self.running = self.running + rows
 
     def step(self, observer: StepObserver) -> None:
         raise_injected_faults(self.rows)
-        self.runner.step(self.rows, observer)
+        self.runner.step(self.running, observer)
+        if self.filling:
+            self.stepped_while_filling += bool(self.running)
+            self._chunks_left -= 1
+            if self._chunks_left <= 0 or not self.running:
+                rows, self.filling = self.filling, []
+                self._joined(rows, observer)
 
     def evict(self) -> list[BatchRow]:
-        done = [row for row in self.rows if row.state.done]
-        self.rows = [row for row in self.rows if not row.state.done]
+        done = [row for row in self.running if row.state.done]
+        self.running = [row for row in self.running if not row.state.done]
         return done
 
     def drop(self) -> list[BatchRow]:
-        rows, self.rows = self.rows, []
+        rows, self.running, self.filling = self.rows, [], []
         return rows
 
 
@@ -183,10 +210,10 @@ class Rig:
         raise AssertionError("requests still unfinished")
 
 
-def make_strategy(name: str, runner: FakeRunner, **scheduler: Any) -> Strategy:
+def make_strategy(name: str, runner: FakeRunner, prefill_steps: int = 0, **scheduler: Any) -> Strategy:
     settings = {"max_batch_size": 16, "max_batch_tokens": 8192, "max_wait_s": 0.0, **scheduler}
     if name == "continuous":
-        return ContinuousStrategy(ContinuousScheduler(**settings), FakeBatch(runner))
+        return ContinuousStrategy(ContinuousScheduler(**settings), FakeBatch(runner, prefill_steps))
     return DynamicStrategy(DynamicScheduler(**settings), runner)
 
 

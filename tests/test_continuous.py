@@ -66,6 +66,33 @@ def test_rows_joining_and_leaving_match_plain_generate(runner: Any) -> None:
         assert row.state.tokens == _plain_generate(runner, prompt, n, "base"), prompt
 
 
+@pytest.mark.parametrize("adapter", ["base", "default"])
+def test_chunked_prefill_of_joiners_keeps_the_running_rows_going_and_matches_plain_generate(
+        runner: Any, adapter: str) -> None:
+    from worker.engine.kv_slab import ContinuousBatch
+
+    lengths = [20, 12, 14, 9]
+    rows = _rows(runner, PROMPTS[:4], lengths, [adapter] * 4)
+    batch = ContinuousBatch(runner, chunk_tokens=6)  # 3 columns per step for two joiners
+    batch.join(rows[:2], Quiet())  # nothing runs yet: prefilled at once
+    assert not batch.joining and [len(r.state.tokens) for r in rows[:2]] == [1, 1]
+    batch.step(Quiet())
+    batch.join(rows[2:], Quiet())
+    chunks = 1
+    while batch.joining:
+        assert rows[2].state.tokens == [] and rows[3].state.tokens == []
+        batch.step(Quiet())
+        chunks += 1
+    widest = max(len(runner.encode(p)) for p in PROMPTS[2:4])
+    assert chunks == -(-widest // 3)
+    assert len(rows[0].state.tokens) == 2 + chunks - 1  # a token at every step while they filled
+    while batch.rows:
+        batch.evict()
+        batch.step(Quiet())
+    for row, prompt, n in zip(rows, PROMPTS, lengths, strict=False):
+        assert row.state.tokens == _plain_generate(runner, prompt, n, adapter), prompt
+
+
 @pytest.mark.parametrize("strategy", ["dynamic", "continuous"])
 def test_one_batch_of_two_adapters_equals_each_adapter_alone(runner: Any, strategy: str) -> None:
     from worker.engine.kv_slab import ContinuousBatch

@@ -71,6 +71,38 @@ def test_short_request_joins_and_leaves_before_a_long_one() -> None:
     assert rig.output.begins == [(["long"], 1), (["short"], 2)]
 
 
+def test_joiners_of_a_chunked_prefill_wait_while_the_running_row_goes_on() -> None:
+    rig = make_rig("continuous", prefill_steps=3)
+    batch = rig.core.strategy.batch  # type: ignore[attr-defined]
+    rig.submit("long", "a long story", 30)
+    rig.core.step()
+    rig.submit("j1", "first joiner", 5)
+    rig.core.step()  # j1's prefill starts; it lasts three decode steps of "long", this one the first
+    rig.submit("j2", "second joiner", 5)
+    steps = 0
+    while rig.output.deltas["j1"] == 0:
+        assert batch.joins == [["long"], ["j1"]]  # j2 waits for j1's prefill to end
+        rig.core.step()
+        steps += 1
+    assert steps == 2 and batch.stepped_while_filling == 3 and rig.output.deltas["long"] == 5
+    results = rig.run()
+    assert batch.joins == [["long"], ["j1"], ["j2"]]
+    for rid, prompt, n in (("long", "a long story", 30), ("j1", "first joiner", 5), ("j2", "second joiner", 5)):
+        assert results[rid].text == expected_text(prompt, n)
+
+
+def test_a_failed_chunk_retries_the_running_rows_and_the_joiners() -> None:
+    rig = make_rig("continuous", prefill_steps=3)
+    rig.submit("a", PROMPTS[0], 10)
+    rig.core.step()
+    rig.submit("b", PROMPTS[1], 10)
+    rig.core.step()  # b is being prefilled
+    rig.runner.fail_next = (0, RuntimeError("kernel failed"))
+    results = rig.run()
+    assert results["a"].text == expected_text(PROMPTS[0], 10) and results["b"].text == expected_text(PROMPTS[1], 10)
+    assert rig.core.running == 0
+
+
 def test_dynamic_batches_run_to_the_end_before_the_next() -> None:
     rig = make_rig("dynamic", max_batch_size=3)
     for i in range(5):

@@ -79,14 +79,17 @@ def _rows(runner: Any, prompts: list[str], adapters: list[str]) -> list[Any]:
 
 
 def _generate(runner: Any, prompts: list[str], adapters: list[str], prefix: PrefixCache | None,
-              waves: int) -> list[list[int]]:
+              waves: int, chunk_tokens: int = 0) -> list[list[int]]:
     """Rows join in ``waves`` (later waves find what earlier ones cached), then run to the end."""
     from worker.engine.kv_slab import ContinuousBatch
 
     rows = _rows(runner, prompts, adapters)
-    batch = ContinuousBatch(runner, prefix)
+    batch = ContinuousBatch(runner, prefix, chunk_tokens)
     size = -(-len(rows) // waves)
     for start in range(0, len(rows), size):
+        while batch.joining:  # a chunked prefill of the wave before
+            batch.step(Quiet())
+            batch.evict()
         batch.join(rows[start:start + size], Quiet())
         batch.step(Quiet())
         batch.evict()
@@ -96,17 +99,19 @@ def _generate(runner: Any, prompts: list[str], adapters: list[str], prefix: Pref
     return [row.state.tokens for row in rows]
 
 
-@pytest.mark.parametrize("waves", [1, 3])
-def test_greedy_outputs_with_the_cache_equal_those_without(runner: Any, waves: int) -> None:
+@pytest.mark.parametrize(("waves", "chunk"), [(1, 0), (3, 0), (3, 100)])
+def test_greedy_outputs_with_the_cache_equal_those_without(runner: Any, waves: int, chunk: int) -> None:
     prompts = _shared_prompts(runner)
     adapters = ["default", "second", "base", "second", "default", "base", "second", "default"]
     without = _generate(runner, prompts, adapters, None, waves)
     cache = PrefixCache(64 * 2**20)
-    assert _generate(runner, prompts, adapters, cache, waves) == without
+    assert _generate(runner, prompts, adapters, cache, waves, chunk) == without
     assert cache.stats.hit_tokens > 0  # some rows did take their prefix from the cache
     # A second pass finds every shared block cached: still the same tokens.
     hits = cache.stats.hit_tokens
-    assert _generate(runner, prompts, adapters, cache, waves) == without
+    assert _generate(runner, prompts, adapters, cache, waves, chunk) == without
+    if chunk:  # and chunked without the cache too
+        assert _generate(runner, prompts, adapters, None, waves, chunk) == without
     assert cache.stats.hit_tokens - hits >= len(prompts) * 3 * BLOCK_TOKENS
 
 

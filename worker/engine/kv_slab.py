@@ -9,6 +9,11 @@ each decode step feeds one token per row with its own position; finished rows ar
 row sees exactly what plain ``generate`` shows it (its tokens, its positions, padding masked), so
 greedy fp32 outputs are the same. With a ``PrefixCache``, a joiner's leading blocks that an
 earlier prompt prefilled come from the cache and only the rest is prefilled (docs/DESIGN.md).
+
+Chunked prefill (``FARM_PREFILL_CHUNK_TOKENS``): joiners that arrive while rows run are prefilled
+a few columns at a time, at most that many tokens (rows × columns) per decode step, so that the
+running rows keep their pace while a long prompt joins; they join the batch when their last chunk
+is done. An idle batch prefills its joiners at once (nobody would wait for it).
 """
 
 from __future__ import annotations
@@ -43,11 +48,32 @@ class _Block:
     """[B]: the token each row feeds at the next step."""
 
 
+@dataclass
+class _Filling:
+    """Joiners whose prefill runs in chunks between decode steps."""
+
+    rows: list[BatchRow]
+    ids: torch.Tensor
+    """[N, S]: what is prefilled (after each row's cached blocks), left-padded."""
+    mask: torch.Tensor
+    """[N, P+S]: the whole mask, the cached blocks' P columns first."""
+    positions: torch.Tensor
+    """[N, S]"""
+    cache: Any
+    cached: list[int]
+    """Blocks each row took from the prefix cache."""
+    done: int = 0
+    """Columns of ``ids`` prefilled so far."""
+
+
 class ContinuousBatch:
     """The running batch on one model. Only the engine's model thread calls it."""
 
-    def __init__(self, runner: ModelRunner, prefix: PrefixCache | None = None) -> None:
+    def __init__(self, runner: ModelRunner, prefix: PrefixCache | None = None, chunk_tokens: int = 0) -> None:
         self.runner = runner
+        self.chunk_tokens = chunk_tokens
+        """Most prefill tokens per decode step while rows run; 0: joiners are prefilled at once."""
+        self.filling: _Filling | None = None
         self.config = _base_config(runner.loaded.model)
         self.prefix = prefix if prefix is not None and _cacheable(self.config) else None
         if prefix is not None and self.prefix is None:
@@ -56,7 +82,13 @@ class ContinuousBatch:
 
     @property
     def rows(self) -> list[BatchRow]:
-        return self.block.rows if self.block else []
+        """The running rows, and joiners still being prefilled."""
+        return (self.block.rows if self.block else []) + (self.filling.rows if self.filling else [])
+
+    @property
+    def joining(self) -> bool:
+        """Whether a chunked prefill is under way (new joiners wait for its end)."""
+        return self.filling is not None
 
     def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
         """Prefill ``rows``, stream their first token and add them to the batch (rows already
@@ -67,22 +99,52 @@ class ContinuousBatch:
         if lead is None:
             self._join(rows, observer)
             return
-        self._join([lead], observer)
-        rest = [row for row in rows if row is not lead]
-        try:  # a cache too small to keep the lead's blocks: the others go together, as without one
-            (self.join if self._all_cached(lead) else self._join)(rest, observer)
-        except Exception:
-            self._discard(lead)  # the core retries every joiner, this one too
-            raise
+        # The others need the lead's blocks cached: its prefill is not chunked (nor theirs, which
+        # the cache makes short).
+        chunk, self.chunk_tokens = self.chunk_tokens, 0
+        try:
+            self._join([lead], observer)
+            rest = [row for row in rows if row is not lead]
+            try:  # a cache too small to keep the lead's blocks: the others go together, as without one
+                (self.join if self._all_cached(lead) else self._join)(rest, observer)
+            except Exception:
+                self._discard(lead)  # the core retries every joiner, this one too
+                raise
+        finally:
+            self.chunk_tokens = chunk
 
     def _join(self, rows: list[BatchRow], observer: StepObserver) -> None:
+        if self.filling is not None:
+            raise RuntimeError("rows joined during a chunked prefill")  # the strategy waits for it
         cached = [self._cached_blocks(row) for row in rows]
-        ids, mask, positions, cache = self._prefill_inputs(rows, cached)
-        logits, cache = self._forward(rows, ids, mask, positions, cache)
+        filling = _Filling(rows, *self._prefill_inputs(rows, cached), [len(blocks) for blocks in cached])
+        self.filling = filling
+        try:
+            self._fill(filling, observer)
+        except Exception:
+            self.filling = None  # the core retries these rows (drop() is not asked after a failed join)
+            raise
+
+    def _fill(self, filling: _Filling, observer: StepObserver) -> None:
+        """Prefill the next chunk of ``filling`` (all of it when no row runs); after the last
+        chunk its rows stream their first token and join the batch."""
+        width = filling.ids.shape[1]
+        chunk = width - filling.done
+        if self.block is not None and self.chunk_tokens > 0:
+            chunk = min(chunk, max(1, self.chunk_tokens // len(filling.rows)))
+        end, past = filling.done + chunk, filling.mask.shape[1] - width
+        logits, filling.cache = self._forward(filling.rows, filling.ids[:, filling.done:end],
+                                              filling.mask[:, :past + end], filling.positions[:, filling.done:end],
+                                              filling.cache)
+        filling.done = end
+        if end < width:
+            return
+        self.filling = None
+        rows, mask = filling.rows, filling.mask
         if self.prefix is not None:
-            self._keep_blocks(rows, [len(blocks) for blocks in cached], cache, mask.shape[1])
+            self._keep_blocks(rows, filling.cached, filling.cache, mask.shape[1])
         tokens = self._advance(rows, logits, observer)
-        self.block = _merge(self.block, _Block(rows, cache, mask, tokens))
+        self.block = _merge(self.block, _Block(rows, filling.cache, mask, tokens))
 
     def _prefill_inputs(self, rows: list[BatchRow], cached: list[list[BlockKV]]) -> tuple[Any, ...]:
         """Inputs of a prefill after each row's cached blocks: ids [N, S] of the rest, left-padded;
@@ -149,7 +211,14 @@ class ContinuousBatch:
             self.block = _trim(_select(block, keep)) if keep else None
 
     def step(self, observer: StepObserver) -> None:
-        """One decode step: one new token for every running row."""
+        """One decode step: one new token for every running row; then the next prefill chunk of
+        the joiners, if any."""
+        filling = self.filling
+        self._decode(observer)
+        if filling is not None:
+            self._fill(filling, observer)
+
+    def _decode(self, observer: StepObserver) -> None:
         block = self.block
         if block is None:
             return
@@ -173,7 +242,7 @@ class ContinuousBatch:
 
     def drop(self) -> list[BatchRow]:
         """Empty the batch (after a failed step); returns the rows that were in it."""
-        rows, self.block = self.rows, None
+        rows, self.block, self.filling = self.rows, None, None
         return rows
 
     def _forward(self, rows: list[BatchRow], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

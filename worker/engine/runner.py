@@ -69,6 +69,11 @@ class RunningBatch(Protocol):
     @property
     def rows(self) -> list[BatchRow]: ...
 
+    @property
+    def joining(self) -> bool:
+        """Whether joiners are still being prefilled over several steps (others wait for them)."""
+        ...
+
     def join(self, rows: list[BatchRow], observer: StepObserver) -> None:
         """Prefill ``rows``, stream their first token, add them to the batch."""
         ...

@@ -97,6 +97,8 @@ class ContinuousStrategy:
         return len(self.batch.rows)
 
     def plan(self, now: float, running: list[Pending]) -> list[Pending]:
+        if self.batch.joining:  # a chunked prefill is under way: the next joiners wait for its end
+            return []
         return self._scheduler.joiners(running, now)
 
     def start(self, rows: list[BatchRow], observer: StepObserver) -> StepOutput:
