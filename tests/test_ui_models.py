@@ -105,7 +105,7 @@ def test_requests_carry_the_chosen_model_and_wait_on_its_queue(apps: dict[str, U
     queue; the full-queue check reads that queue (FARM_UI_MAX_QUEUE=3), not the plain one."""
     ui, db = apps["models"], two_models
     status, _, _ = generate(ui, "hello").result(timeout=30)  # type: ignore[attr-defined]
-    assert status.startswith("**Not sent.** Not sent: model: several models are served (alpha, beta): name one")
+    assert status.startswith("**Not sent.** Invalid request: model: several models are served (alpha, beta): name one")
     db.lpush("interactive.beta", "a", "b", "c")
     db.lpush(INTERACTIVE_QUEUE, "x", "y", "z")  # no worker of alpha or beta takes the plain queue
     status, _, request_id = generate(ui, "hello", model_name="beta").result(timeout=30)  # type: ignore[attr-defined]

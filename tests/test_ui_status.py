@@ -39,7 +39,7 @@ def test_status_lines_name_what_a_person_needs() -> None:
     (FarmError(ErrorCode.QUEUE_FULL, status.queue_full(10, 10)),
      "The farm's queue is full (10 requests waiting, limit 10, FARM_UI_MAX_QUEUE): try again in a moment."),
     (RequestError.for_field("temperature", "must be between 0.0 and 5.0, got 9"),
-     "Not sent: temperature: must be between 0.0 and 5.0, got 9."),
+     "Invalid request: temperature: must be between 0.0 and 5.0, got 9."),
 ])
 def test_refusals_are_sentences_with_the_reason(error: FarmError, message: str) -> None:
     assert status.refused(error) == message

@@ -66,7 +66,7 @@ def refused(error: FarmError) -> str:
         return f"The farm is unreachable: {message}."
     if code in (ErrorCode.NO_WORKER, ErrorCode.QUEUE_FULL):
         return message
-    return f"Not sent: {message}."
+    return f"Invalid request: {message}."  # after the status line's "Not sent." (not twice)
 
 
 def no_worker() -> str:
