@@ -86,7 +86,7 @@ class FarmSettings:
     prompts' leading 64-token blocks so that prompts starting alike (a system prompt, a few-shot
     prefix, a job's instruction) prefill them once; least recently used blocks are evicted.
     0 turns it off; quantized models (int8, nf4) run without it."""
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 2048
     """Continuous strategy: while rows run, requests joining them are prefilled in chunks of at
     most this many tokens (rows × prompt columns) per decode step, so that a long prompt joining
     does not stall the running rows for its whole prefill; 0 prefills joiners at once."""
