@@ -18,7 +18,10 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from celery.states import READY_STATES
+
 from producer import FarmClient
+from producer.connection import result_from_meta
 from protocol.errors import ErrorCode, FarmUnavailable
 from protocol.names import INTERACTIVE_QUEUE, stream_key
 from protocol.schema import GenerationRequest, GenerationResult, Limits
@@ -97,14 +100,19 @@ class Farm:
     async def results(self, request_ids: list[str]) -> list[GenerationResult]:
         """The stored results; the end of a stream precedes them by a moment, so wait for them
         here (on the event loop) and read them once they are all stored."""
-        keys = [self.client.app.backend.get_key_for_task(r) for r in request_ids]
+        backend = self.client.app.backend
+        keys = [backend.get_key_for_task(r) for r in request_ids]
         deadline = time.monotonic() + RESULT_TIMEOUT
-        while await _reachable(self.settings, self.redis.exists(*keys)) < len(keys):
-            if time.monotonic() > deadline:
-                break  # FarmClient's own wait below reports the timeout
+        while time.monotonic() <= deadline:
+            # Read and decode them here once stored: no thread, and no second read of the streams
+            # (FarmClient's wait follows each stream from its start before reading the result).
+            raws = await _reachable(self.settings, self.redis.mget(keys))
+            metas = [None if raw is None else backend.decode_result(raw) for raw in raws]
+            if all(m is not None and m.get("status") in READY_STATES for m in metas):
+                return [result_from_meta(r, dict(m or {})) for r, m in zip(request_ids, metas, strict=True)]
             await asyncio.sleep(RESULT_POLL_S)
 
-        def read_all() -> list[GenerationResult]:
+        def read_all() -> list[GenerationResult]:  # FarmClient's own wait reports the timeout
             return [self.client.handle(r).result(RESULT_TIMEOUT) for r in request_ids]
         return await _blocking(read_all)
 

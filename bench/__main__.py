@@ -130,7 +130,8 @@ def _write_sweep(out: Path, records: list[dict[str, Any]], seconds: float) -> No
     from bench.report import sweep_text
 
     summary = {"seconds": seconds, "models": [{key: r[key] for key in (
-        "label", "model", "params", "machine", "bounds", "step", "acceptance", "seconds")} for r in records]}
+        "label", "model", "params", "machine", "bounds", "step", "acceptance", "api_cost", "api_acceptance",
+        "seconds")} for r in records]}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     text = sweep_text(records)
     (out / "sweep.md").write_text(text + "\n")

@@ -1,4 +1,5 @@
-"""Issue 17's acceptance targets, checked on one model's rows (pure: rows in, checks out).
+"""Issue 17's acceptance targets, checked on one model's rows (pure: rows in, checks out), and
+issue 15's (``farm api``: ``api_checks``).
 
 Each check is PASS or FAIL, or N/A when the run did not measure it (a mode or concurrency level
 left out, ``--shared-prefix`` or ``--profile-step`` not given); N/A never counts as met.
@@ -11,6 +12,9 @@ from typing import Any
 
 FARM = "farm-continuous"
 NO_PREFIX_CACHE = "farm-no-prefix-cache"
+OPENAI = "farm-openai"
+API_COST_LIMIT_MS = 10.0
+"""Issue 15: at one client, ``farm-openai`` within 10 ms of ``farm-continuous`` (the API's own cost)."""
 STEP_TARGET_SHAPE = "bench"
 """The decode-step target is the issue's on the bench model; other models print the fraction."""
 
@@ -105,6 +109,30 @@ def checks(rows: list[dict[str, Any]], shape: str, prefix_rows: list[dict[str, A
     out.append(_step_check(step, shape))
     out.append(_identical(rows + (prefix_rows or [])))
     return out
+
+
+def _api_cost_check(cost: dict[str, Any] | None) -> Check:
+    """The API's own cost (``bench.overhead.api_cost``): paired delivery overheads, not raw p50s,
+    which carry the model's drift; the raw p50 difference is shown beside it."""
+    target, goal = f"{OPENAI} API's own cost at N=1 vs {FARM} (paired delivery overhead)", \
+        f"<= {API_COST_LIMIT_MS:g} ms"
+    if not cost or cost.get("latency_ms") is None:
+        return Check(target, goal, f"{OPENAI} and {FARM} at N=1 not both measured with the farm's times", "N/A")
+    value = (f"{cost['latency_ms']:.1f} ms over {cost['pairs']} pairs (TTFT {_ms(cost.get('ttft_ms'))}; "
+             f"raw p50 difference {_ms(cost.get('raw_p50_diff_ms'))})")
+    return Check(target, goal, value, "PASS" if cost["latency_ms"] <= API_COST_LIMIT_MS else "FAIL")
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} ms"
+
+
+def api_checks(rows: list[dict[str, Any]], cost: dict[str, Any] | None) -> list[Check]:
+    """Issue 15's bench targets: ``farm-openai`` throughput at 16 clients against
+    ``transformers-serve``, and the API's own cost at one client."""
+    return [_ratio_check(f"{OPENAI} tok/s at N=16 vs transformers-serve", rows, "tokens_per_s", 16,
+                         "transformers-serve", 1.2, True, OPENAI),
+            _api_cost_check(cost)]
 
 
 def checks_text(label: str, items: list[Check]) -> str:

@@ -17,6 +17,7 @@ from bench.workload import Clock, Job, Run, Sample, closed_loop
 from protocol.settings import project_root
 
 START_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 60.0
 FARM_FIELDS = {"ignore_eos": True}
 """The farm's own request field (``ignore_eos``), as every mode generates its full length."""
 
@@ -72,11 +73,23 @@ class FarmOpenAI:
         self.model = model_id(model)
         self.api = ApiProcess(redis_url, logdir, api_max_queue=max(256, 4 * clients))
         self.client = openai_client(self.api.base_url)
+        from producer import FarmClient
+
+        self.farm = FarmClient(redis_url)
+        """Reads the stored result of each completion's farm request, once the client has it all."""
 
     def complete(self, job: Job) -> Sample:
+        """One streamed completion; then (off the clock) the farm's own times of its request,
+        found by the API's ``X-Farm-Request-Ids`` header (``bench.overhead``)."""
+        from api.app import REQUEST_IDS_HEADER
         from bench.serve import stream_completion
 
-        return stream_completion(self.client, self.model, job, Clock(), FARM_FIELDS)
+        headers: dict[str, str] = {}
+        sample = stream_completion(self.client, self.model, job, Clock(), FARM_FIELDS, headers)
+        request_id = {k.lower(): v for k, v in headers.items()}.get(REQUEST_IDS_HEADER.lower(), "").split(",")[0]
+        if request_id and sample.error is None:
+            sample.with_farm_times(self.farm.handle(request_id).result(timeout=RESULT_TIMEOUT_S))
+        return sample
 
     def close(self) -> None:
         self.client.close()

@@ -65,7 +65,7 @@ class FarmUnderTest:
                 clock.token()
         result = handle.result(timeout=600)
         error = None if result.ok else str(result.error)
-        return clock.sample(job, result.completion_tokens, result.text, error)
+        return clock.sample(job, result.completion_tokens, result.text, error).with_farm_times(result)
 
     def close(self) -> None:
         stop(self.worker)

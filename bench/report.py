@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.acceptance import Check, checks_table, checks_text, find_row
+from bench.overhead import api_cost_text
 
 COLUMNS = [("mode", "mode", "{}"), ("concurrency", "N", "{}"), ("requests", "req", "{}"),
            ("tokens_per_s", "tok/s", "{:.1f}"), ("requests_per_s", "req/s", "{:.2f}"),
            ("latency_p50", "p50 s", "{:.2f}"), ("latency_p95", "p95 s", "{:.2f}"),
-           ("ttft_p50", "TTFT p50 s", "{:.3f}"), ("identical", "= seq", "{}"),
+           ("ttft_p50", "TTFT p50 s", "{:.3f}"), ("overhead_ms_p50", "overhead ms", "{:.1f}"),
+           ("ttft_overhead_ms_p50", "TTFT overhead ms", "{:.1f}"), ("identical", "= seq", "{}"),
            ("of_batch1_bw", "of bw b1", "{:.0%}"), ("of_batch16_bw", "of bw b16", "{:.0%}"),
            ("of_compute", "of compute", "{:.0%}")]
-"""The last three: tok/s as a fraction of the model's batch-1 and batch-16 bandwidth bounds and of
-its compute bound (``bench.bounds``)."""
+"""``overhead ms``: a farm mode's median delivery overhead, latency minus the worker's generate
+time (``bench.overhead``; the same for TTFT). The last three: tok/s as a fraction of the model's
+batch-1 and batch-16 bandwidth bounds and of its compute bound (``bench.bounds``)."""
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -174,13 +177,20 @@ def model_text(record: dict[str, Any]) -> str:
              (f"Shared prefix of {prefix['tokens']} tokens, N={prefix['concurrency']}:\n\n" + table(prefix["results"]))
              if prefix else "",
              targets_table(record["targets"]),
-             checks_table(record["label"], [Check(**c) for c in record["acceptance"]])]
+             checks_table(record["label"], [Check(**c) for c in record["acceptance"]]),
+             api_cost_text(record.get("api_cost")),
+             ("Issue 15 (farm api):\n\n" + checks_table(record["label"], [Check(**c) for c in api]))
+             if (api := record.get("api_acceptance")) else ""]
     return "\n\n".join(part for part in parts if part)
 
 
 def sweep_text(records: list[dict[str, Any]]) -> str:
-    """Issue 17's checks of every model, one line each, and how many passed."""
+    """Issue 17's checks of every model, one line each, and how many passed; then issue 15's
+    where ``farm-openai`` ran."""
     lines = [checks_text(r["label"], [Check(**c) for c in r["acceptance"]]) for r in records]
     every = [c["status"] for r in records for c in r["acceptance"]]
     counts = ", ".join(f"{every.count(s)} {s}" for s in ("PASS", "FAIL", "N/A", "INFO") if s in every)
-    return "\n".join(lines) + f"\n\nissue 17 targets over {len(records)} model(s): {counts}"
+    api = [checks_text(r["label"], [Check(**c) for c in r["api_acceptance"]]) for r in records
+           if r.get("api_acceptance")]
+    text = "\n".join(lines) + f"\n\nissue 17 targets over {len(records)} model(s): {counts}"
+    return text + ("\n\nissue 15 (farm api):\n" + "\n".join(api) if api else "")

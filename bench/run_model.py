@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.acceptance import NO_PREFIX_CACHE, checks
+from bench.acceptance import NO_PREFIX_CACHE, api_checks, checks
 from bench.bounds import derive, measure, with_fractions
+from bench.overhead import api_cost_of_runs
 from bench.workload import Job, Run, make_prompts, shared_prefix, with_prefix
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ def run_model(plan: Plan, label: str, model: str, log: ProgressLog, out: Path) -
     rows = with_fractions([_checked(run, reference) for run in runs], bounds)
     prefix_rows = with_fractions([_checked(run, prefix_reference) for run in prefix_runs], bounds)
     mixed_rows = _agreeing([run for run in mixed if not run.unavailable])
+    api_cost = api_cost_of_runs(runs)
     from bench.report import targets
     from protocol.settings import FarmSettings
 
@@ -133,6 +135,8 @@ def run_model(plan: Plan, label: str, model: str, log: ProgressLog, out: Path) -
             if prefix[0] else None,
             "targets": targets(rows, mixed_rows, plan.target_level),
             "acceptance": [c.to_dict() for c in checks(rows, label, prefix_rows if prefix[0] else None, step)],
+            "api_cost": api_cost,
+            "api_acceptance": [c.to_dict() for c in api_checks(rows, api_cost)] if "farm-openai" in plan.modes else [],
             "samples": _samples(runs, mixed, prefix_runs)}
 
 

@@ -98,12 +98,16 @@ def openai_client(base_url: str) -> Any:
     return openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600.0)
 
 
-def stream_completion(client: Any, model: str, job: Job, clock: Clock, extra: dict[str, Any] | None = None) -> Sample:
+def stream_completion(client: Any, model: str, job: Job, clock: Clock, extra: dict[str, Any] | None = None,
+                      headers: dict[str, str] | None = None) -> Sample:
     """One streamed OpenAI ``/v1/completions`` request through the ``openai`` SDK: the client code
     of every OpenAI-speaking mode (``transformers-serve``, ``farm-openai``), so they are compared
-    through one client; ``extra`` adds a server's own fields to the body."""
+    through one client; ``extra`` adds a server's own fields to the body; ``headers``, if given,
+    receives the response's headers (``farm-openai`` finds its farm request there)."""
     stream = client.completions.create(model=model, prompt=job.prompt, max_tokens=job.new_tokens, temperature=0,
                                        stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    if headers is not None:
+        headers.update(stream.response.headers)
     parts: list[str] = []
     usage = None
     for chunk in stream:

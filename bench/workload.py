@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from bench.overhead import overhead_stats
+
 T = TypeVar("T")
 
 PROMPT_WORDS = (6, 28, 12, 36, 9, 20, 31, 15)
@@ -78,6 +80,17 @@ class Sample:
     tokens: int
     text: str
     error: str | None = None
+    farm_queue: float | None = None
+    """The farm's own times of the request (``GenerationResult``), for a farm mode: enqueue to
+    batch start, batch start to last token, batch start to first token (``bench.overhead``)."""
+    farm_generate: float | None = None
+    farm_first_token: float | None = None
+
+    def with_farm_times(self, result: Any) -> Sample:
+        """This sample with the farm's times of its request (a ``GenerationResult``)."""
+        self.farm_queue, self.farm_generate = result.queue_seconds, result.generate_seconds
+        self.farm_first_token = result.first_token_seconds
+        return self
 
 
 @dataclass
@@ -102,6 +115,7 @@ class Run:
                     "tokens_per_s": round(tokens / self.wall, 2) if self.wall else 0.0,
                     "requests_per_s": round(len(ok) / self.wall, 3) if self.wall else 0.0})
         out.update(_latency_stats(ok, "latency"))
+        out.update(overhead_stats(self.samples))
         for kind in sorted({s.kind for s in ok} - {"normal"}):
             out.update(_latency_stats([s for s in ok if s.kind == kind], f"{kind}_latency"))
         return out

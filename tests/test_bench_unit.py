@@ -192,3 +192,51 @@ def test_operator_shares_split_matmul_attention_and_the_rest() -> None:
                               "aten::_scaled_dot_product_flash_attention_for_cpu": 20.0, "aten::copy_": 10.0})
     assert shares == {"matmul": 0.7, "attention": 0.2, "other": 0.1}
     assert operator_shares({}) == {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+
+
+def sample(i: int, latency: float, generate: float | None, ttft: float = 0.5, first: float | None = 0.4,
+           error: str | None = None) -> Any:
+    from bench.workload import Sample
+
+    return Sample(i, "normal", latency, ttft, 64, "x", error, 0.001, generate, first)
+
+
+def test_delivery_overhead_is_latency_minus_the_workers_generate_time() -> None:
+    from bench.overhead import delivery, overhead_stats, ttft_delivery
+
+    assert delivery(sample(0, 3.0, 2.9)) == pytest.approx(0.1)
+    assert ttft_delivery(sample(0, 3.0, 2.9, 0.5, 0.42)) == pytest.approx(0.08)
+    assert delivery(sample(0, 3.0, None)) is None and delivery(sample(0, 3.0, 2.9, error="boom")) is None
+    stats = overhead_stats([sample(0, 3.0, 2.99), sample(1, 2.0, 1.98), sample(2, 9.0, 8.97)])
+    assert stats == {"overhead_ms_p50": 20.0, "ttft_overhead_ms_p50": 100.0, "farm_queue_ms_p50": 1.0}
+    assert overhead_stats([sample(0, 3.0, None)]) == {}
+
+
+def test_api_cost_pairs_requests_and_ignores_the_models_drift() -> None:
+    from bench.overhead import api_cost
+
+    # The model's speed drifts by 0.3 s between requests; each API request costs 5 ms more.
+    base = [sample(i, 2.0 + 0.3 * i + 0.010, 2.0 + 0.3 * i) for i in range(5)]
+    ours = [sample(i, 2.3 + 0.3 * i + 0.015, 2.3 + 0.3 * i, ttft=0.52) for i in range(5)]
+    cost = api_cost(ours, base)
+    assert cost is not None and cost["pairs"] == 5
+    assert cost["latency_ms"] == pytest.approx(5.0) and cost["ttft_ms"] == pytest.approx(20.0)
+    assert cost["raw_p50_diff_ms"] == pytest.approx(305.0)
+    assert cost["overhead_ms_p50"] == {"farm-openai": pytest.approx(15.0), "farm-continuous": pytest.approx(10.0)}
+    assert api_cost([sample(0, 2.0, None)], base) is None
+    # A pair whose jobs differ is not a pair; a failed request is left out.
+    assert api_cost([sample(9, 2.1, 2.0)] + ours[1:], base)["pairs"] == 4  # type: ignore[index]
+    assert api_cost([sample(0, 2.1, 2.0, error="x")] + ours[1:], base)["pairs"] == 4  # type: ignore[index]
+
+
+def test_issue_15_checks_use_the_api_cost_and_the_openai_throughput() -> None:
+    from bench.acceptance import api_checks
+
+    rows = [row("farm-openai", 16, 130.0), row("transformers-serve", 16, 100.0)]
+    cost = {"latency_ms": 9.5, "ttft_ms": 3.0, "pairs": 16, "raw_p50_diff_ms": 71.0}
+    throughput, own = api_checks(rows, cost)
+    assert (throughput.status, own.status) == ("PASS", "PASS")
+    assert throughput.value.startswith("1.30x") and "raw p50 difference 71.0 ms" in own.value
+    assert [c.status for c in api_checks([row("farm-openai", 16, 110.0), row("transformers-serve", 16, 100.0)],
+                                         {**cost, "latency_ms": 10.5})] == ["FAIL", "FAIL"]
+    assert [c.status for c in api_checks([], None)] == ["N/A", "N/A"]
