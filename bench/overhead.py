@@ -14,10 +14,10 @@ API's own cost is the median over those pairs of ``overhead(farm-openai) - overh
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from bench.workload import Sample
+Sample = Any
+"""A ``bench.workload.Sample`` (not imported: workload imports this module)."""
 
 API_MODE = "farm-openai"
 FARM_MODE = "farm-continuous"
