@@ -137,7 +137,7 @@ def test_joiners_sharing_uncached_blocks_prefill_one_of_them_first(runner: Any, 
     batch = ContinuousBatch(runner, PrefixCache(budget))
     sizes: list[int] = []
     prefill = batch._join
-    batch._join = lambda rows, observer: (sizes.append(len(rows)), prefill(rows, observer))[1]  # type: ignore
+    batch._join = lambda rows, *args: (sizes.append(len(rows)), prefill(rows, *args))[1]  # type: ignore
     batch.join(_rows(runner, prompts, ["base"] * 4), Quiet())
     assert sizes == prefills  # the lead alone, then the others together (found cached, or not keepable)
     assert len(batch.rows) == 4

@@ -62,6 +62,8 @@ class _Filling:
     cache: Any
     cached: list[int]
     """Blocks each row took from the prefix cache."""
+    chunk_tokens: int
+    """Most tokens per chunk while rows run (0: all at once)."""
     done: int = 0
     """Columns of ``ids`` prefilled so far."""
 
@@ -95,29 +97,29 @@ class ContinuousBatch:
         done leave at the next ``evict``). Joiners that share blocks no cache holds yet: one of
         them is prefilled first, so that the others find those blocks cached."""
         self.runner.check_faults(rows)
+        self._join_sharing(rows, observer, self.chunk_tokens)
+
+    def _join_sharing(self, rows: list[BatchRow], observer: StepObserver, chunk_tokens: int) -> None:
         lead = self._leader(rows)
         if lead is None:
-            self._join(rows, observer)
+            self._join(rows, observer, chunk_tokens)
             return
         # The others need the lead's blocks cached: its prefill is not chunked (nor theirs, which
         # the cache makes short).
-        chunk, self.chunk_tokens = self.chunk_tokens, 0
-        try:
-            self._join([lead], observer)
-            rest = [row for row in rows if row is not lead]
-            try:  # a cache too small to keep the lead's blocks: the others go together, as without one
-                (self.join if self._all_cached(lead) else self._join)(rest, observer)
-            except Exception:
-                self._discard(lead)  # the core retries every joiner, this one too
-                raise
-        finally:
-            self.chunk_tokens = chunk
+        self._join([lead], observer, 0)
+        rest = [row for row in rows if row is not lead]
+        try:  # a cache too small to keep the lead's blocks: the others go together, as without one
+            (self._join_sharing if self._all_cached(lead) else self._join)(rest, observer, 0)
+        except Exception:
+            self._discard(lead)  # the core retries every joiner, this one too
+            raise
 
-    def _join(self, rows: list[BatchRow], observer: StepObserver) -> None:
+    def _join(self, rows: list[BatchRow], observer: StepObserver, chunk_tokens: int) -> None:
         if self.filling is not None:
             raise RuntimeError("rows joined during a chunked prefill")  # the strategy waits for it
         cached = [self._cached_blocks(row) for row in rows]
-        filling = _Filling(rows, *self._prefill_inputs(rows, cached), [len(blocks) for blocks in cached])
+        filling = _Filling(rows, *self._prefill_inputs(rows, cached), [len(blocks) for blocks in cached],
+                           chunk_tokens)
         self.filling = filling
         try:
             self._fill(filling, observer)
@@ -130,8 +132,8 @@ class ContinuousBatch:
         chunk its rows stream their first token and join the batch."""
         width = filling.ids.shape[1]
         chunk = width - filling.done
-        if self.block is not None and self.chunk_tokens > 0:
-            chunk = min(chunk, max(1, self.chunk_tokens // len(filling.rows)))
+        if self.block is not None and filling.chunk_tokens > 0:
+            chunk = min(chunk, max(1, filling.chunk_tokens // len(filling.rows)))
         end, past = filling.done + chunk, filling.mask.shape[1] - width
         logits, filling.cache = self._forward(filling.rows, filling.ids[:, filling.done:end],
                                               filling.mask[:, :past + end], filling.positions[:, filling.done:end],
