@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from bench.overhead import overhead_stats
+from worker.devices import on_own_thread
 
 T = TypeVar("T")
 
@@ -179,12 +180,10 @@ def _safe(serve: Callable[[Job], Sample], job: Job) -> Sample:
 
 def off_main_thread(work: Callable[[], T]) -> T:
     """``work()`` on a thread of its own, as the worker's engine runs its model (its model thread)
-    and every closed-loop client does. Measured on this 2-core host under load, the same torch ops
-    called from the main thread ran 2-13x slower than from a fresh thread (a 16-row decode step
-    of the bench model: 374-796 ms against 60 ms; cause not found, each thread gets its own
-    OpenMP team either way), so no in-process measurement runs there."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(work).result()
+    and every closed-loop client does (``worker.devices.on_own_thread``: a thread that ends frees
+    its OpenMP team, and libgomp cuts every thread's spinning while more teams than cores live;
+    measured on this 2-core host, the same torch ops from the main thread ran 2-13x slower)."""
+    return on_own_thread(work)
 
 
 def chunks(items: list[Job], size: int) -> Iterator[list[Job]]:

@@ -6,16 +6,36 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+THREAD_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000", "KMP_BLOCKTIME": "0"}
 """OpenMP settings of a worker process, set before torch is imported (the OpenMP runtime reads
-them once, when it loads): idle OpenMP threads sleep at once instead of spinning. torch's libgomp
-otherwise spins each idle thread for up to ~300,000 iterations (milliseconds) after every parallel
-region, on the same few cores where the worker's Celery, Redis and heartbeat threads (and, on one
-host, Redis itself and the clients) must run between decode steps. ``KMP_*`` say the same to
-Intel's OpenMP runtime, should a torch build use it. A value already in the environment wins."""
+them once, when it loads): an idle OpenMP thread spins a short while (``GOMP_SPINCOUNT``, about
+0.3 ms), then sleeps. The gaps between the parallel regions of one decode step are shorter than
+that, the gaps between steps and between requests longer: unset, libgomp spins ~300,000 times
+(milliseconds) after every region, on the same few cores where the worker's Celery, Redis and
+heartbeat threads (and, on one host, Redis itself and the clients) must run; under ``PASSIVE``
+alone (spin count 0) every region wakes sleeping threads, and a 16-row decode step of the bench
+model took 54 ms instead of 41 ms. libgomp spins at most ~100 times by itself whenever it manages
+more OpenMP threads than the process has cores, which is why the model is loaded on a thread
+that ends (``on_own_thread``). ``KMP_*`` say the same to Intel's OpenMP runtime, should a torch
+build use it. A value already in the environment wins (docs/DESIGN.md, "OpenMP threads spin briefly")."""
+
+
+def on_own_thread(work: Callable[[], T]) -> T:
+    """``work()`` on a thread of its own that ends with it, for torch work done before the model
+    thread starts (loading and prepacking the model). Each thread that runs a parallel torch op
+    gets an OpenMP team of its own, kept until the thread ends; while a second team lives, libgomp
+    counts more threads than cores and cuts the model thread's spinning to ~100 iterations
+    (``THREAD_POLICY``): the bench model's 16-row step took 54 ms instead of 41 ms."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(work).result()
 
 
 def with_thread_policy(env: dict[str, str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from protocol.schema import GenerationRequest, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 from worker.transport import install as install_safe_transport
-from worker.devices import WorkerPlan, apply_thread_policy, count_gpus, plan_workers, worker_launches
+from worker.devices import WorkerPlan, apply_thread_policy, count_gpus, on_own_thread, plan_workers, worker_launches
 from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
 log = logging.getLogger("batchfarm.worker")
@@ -70,7 +70,7 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     quiet_logs()
     name = settings.worker_name or plan.name
     started = time.monotonic()
-    loaded = load_model(settings, plan.device)
+    loaded = on_own_thread(lambda: load_model(settings, plan.device))  # no OpenMP team kept on main
     client = connect(settings.redis_url, settings=settings)
     sinks = redis_sinks(client, settings)
     metrics = WorkerMetrics()
