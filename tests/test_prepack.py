@@ -12,7 +12,7 @@ import torch
 from protocol.settings import FarmSettings
 from tests.helpers import PROMPTS, stock_model
 from worker.model import load_adapter, load_model
-from worker.prepack import PACKED_MAX_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
+from worker.prepack import PACKED_MAX_ROWS, PACKED_MIN_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -91,12 +91,14 @@ def test_packed_weight_serves_small_inference_inputs_only() -> None:
     layer = torch.nn.Linear(8, 16)
     assert prepack_linears(layer) == 1
     small, tall = torch.randn(3, PACKED_MAX_ROWS // 3, 8), torch.randn(PACKED_MAX_ROWS + 1, 8)
+    few = torch.randn(1, PACKED_MIN_ROWS - 1, 8)
     with torch.inference_mode():
         torch.testing.assert_close(layer(small), _stock_linear(layer, small))
         # Which weight serves which input: a packed copy of 2W tells them apart.
         layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach() * 2, None)
         torch.testing.assert_close(layer(small), small @ (2 * layer.weight).T + layer.bias)
         assert torch.equal(layer(tall), _stock_linear(layer, tall))  # a long prefill: stock matmul
+        assert torch.equal(layer(few), _stock_linear(layer, few))  # a lone user's step: stock matmul
     # With autograd on, the stock weights run and gradients reach the parameters.
     assert torch.equal(layer(small), _stock_linear(layer, small))
     layer(small).sum().backward()

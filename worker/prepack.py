@@ -11,9 +11,10 @@ working unchanged.
 
 Each plain ``nn.Linear`` with float32 weights on the CPU becomes a ``PackedLinear`` (a subclass:
 peft and ``isinstance`` see a Linear), keeping its parameters and holding a packed copy of the
-weight that inference inputs of up to ``PACKED_MAX_ROWS`` rows use (every decode step of up to 64
-requests); longer inputs, such as long prompts' prefill, take stock matmul, which bounds the memory
-of oneDNN's per-shape kernel caches. Packed layers hold their weights twice in RAM. Quantized layers
+weight that inference inputs of ``PACKED_MIN_ROWS`` to ``PACKED_MAX_ROWS`` rows use (every decode
+step of 4 to 64 requests); longer inputs, such as long prompts' prefill, take stock matmul, which
+bounds the memory of oneDNN's per-shape kernel caches, and so do the 1-3 rows of a lone user's
+decode step, where MKL's own kernel is faster. Packed layers hold their weights twice in RAM. Quantized layers
 (bitsandbytes subclasses), other dtypes, GPU devices and layers with hooks on ``forward`` are left
 alone. A copy or pickle of a packed layer carries no packed weight and runs stock; so does a layer
 whose weight was replaced or written in place through autograd-visible ops after packing (writes
@@ -38,6 +39,13 @@ oneDNN compiles a kernel (~0.6 MB here) per input shape and keeps it in two LRU 
 entries each: prompts of every length filled them to 1.6 GB in a test loop. Inputs are therefore
 padded to a few row counts (``row_bucket``) and longer ones, which gain less (1.3x), take stock
 matmul: at most 22 kernels per weight shape."""
+
+PACKED_MIN_ROWS = 4
+"""Inputs of fewer rows take stock matmul: MKL's kernel for 1-3 rows beat the packed one on every
+model of the bench sweep (a whole decode step, 2 threads, 2026-12-02: 1 row 17.8 against 21.7 ms
+on the bench model, 20.5 against 24.3 on llama32k, 31.1 against 38.3 on the demo model; 3 rows
+20.4/26.4, 23.6/28.9, 34.6/43.0), and lost from 4 rows on (4 rows 29.4/26.1, 34.3/29.6,
+48.5/45.4; 16 rows 45.4/40.2 on the bench model)."""
 
 EXACT_ROWS = 16
 """Row counts up to this run as they are (every decode step of the default ``FARM_MAX_BATCH_SIZE``:
@@ -100,7 +108,7 @@ class PackedLinear(torch.nn.Linear):
         weight = module.weight
         with torch.inference_mode():
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            for rows in (1, ROW_STEP, PACKED_MAX_ROWS):
+            for rows in (PACKED_MIN_ROWS, ROW_STEP, PACKED_MAX_ROWS):
                 probe = torch.randn(rows, module.in_features, generator=torch.Generator().manual_seed(rows))
                 expected = torch.nn.functional.linear(probe, weight, module.bias)
                 got = torch.ops.mkldnn._linear_pointwise(probe, packed, module.bias, "none", [], "")
@@ -116,12 +124,12 @@ class PackedLinear(torch.nn.Linear):
         # with more Python here was 4% of a decode step).
         packed, weight = self.__dict__.get("_packed"), self._parameters["weight"]
         rows = x.numel() // x.shape[-1]
-        if (packed is None or rows > PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
+        if (packed is None or not PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not torch._C._get_mkldnn_enabled()
                 or weight is not self._packed_from[0] or weight._version != self._packed_from[1]
                 or weight.data_ptr() != self._packed_from[2]):
             # Training, autocast, a cast input, oneDNN switched off (torch.backends.mkldnn.flags),
-            # a long prefill, or a weight replaced or written since packing: stock matmul.
+            # a long prefill or a lone row, or a weight replaced or written since packing: stock matmul.
             return torch.nn.functional.linear(x, weight, self.bias)
         # Grad is off here (checked above), so the bias parameter goes in as it is.
         bias, bucket = self.bias, row_bucket(rows)
