@@ -289,6 +289,22 @@ class _SlabLayer(DynamicLayer):
         self._view = self.keys
         return self.keys, self.values
 
+    def move_rows(self, holes: list[int], movers: list[int], size: int) -> bool:
+        """Copy row ``movers[i]`` into row ``holes[i]`` and keep the first ``size`` rows, in the
+        buffers; ``False`` (nothing done) when the keys are not views of them."""
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or self.keys is None or self.keys is not getattr(self, "_view", None):
+            return False
+        used = self.keys.shape[-2]
+        with torch.inference_mode():  # the buffers are inference tensors (written in a forward)
+            for hole, mover in zip(holes, movers, strict=True):
+                for buffer in buffers:
+                    buffer[hole, :, :used] = buffer[mover, :, :used]
+        self._buffers = (buffers[0][:size], buffers[1][:size])
+        self.keys, self.values = self._buffers[0][:, :, :used], self._buffers[1][:, :, :used]
+        self._view = self.keys
+        return True
+
     def _reserve(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.keys is not None and self.values is not None
         self._buffers = (_widened(self.keys, columns), _widened(self.values, columns))
@@ -342,10 +358,22 @@ def _layers(cache: Any) -> list[Any]:
 
 
 def _select(block: _Block, keep: list[int]) -> _Block:
-    index = torch.tensor(keep, device=block.mask.device)
+    """The block of the rows at ``keep``: each leaving row's place among the first ``len(keep)``
+    is taken by a kept row from behind them, and the batch is cut to ``len(keep)`` rows. A slab
+    layer does that in its own buffers, copying only the rows that move (when 1 of 16 rows of the
+    bench model left, a gather of the 15 others took 84 ms, two decode steps); other layers gather.
+    The rows' order changes; ``rows``, ``mask`` and ``last`` follow it."""
+    kept, size = set(keep), len(keep)
+    holes = [i for i in range(size) if i not in kept]
+    movers = [i for i in keep if i >= size]
+    order = list(range(size))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    index = torch.tensor(order, device=block.mask.device)
     for layer in _layers(block.cache):
-        layer.keys, layer.values = layer.keys[index], layer.values[index]
-    return _Block([block.rows[i] for i in keep], block.cache, block.mask[index], block.last[index])
+        if not (isinstance(layer, _SlabLayer) and layer.move_rows(holes, movers, size)):
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return _Block([block.rows[i] for i in order], block.cache, block.mask[index], block.last[index])
 
 
 def _trim(block: _Block) -> _Block:
