@@ -74,9 +74,9 @@ def measure(threads: int, repeats: int = 5) -> Machine:
     """Copy bandwidth and matmul throughput on ``threads`` torch threads (the best of ``repeats``:
     a bound is what the machine can do, not what it did while busy), off the main thread as the
     worker's model thread runs."""
-    from bench.workload import off_main_thread
+    from worker.devices import on_own_thread
 
-    return off_main_thread(lambda: _measure(threads, repeats))
+    return on_own_thread(lambda: _measure(threads, repeats))
 
 
 def _measure(threads: int, repeats: int) -> Machine:

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria
 from transformers import StoppingCriteriaList
 
-from bench.workload import Clock, Job, Run, Sample, chunks, closed_loop, off_main_thread
+from bench.workload import Clock, Job, Run, Sample, chunks, closed_loop
+from worker.devices import on_own_thread
 
 
 class LocalModel:
@@ -72,8 +73,8 @@ def run_gradio(local: LocalModel, jobs: list[Job], concurrency: int) -> Run:
 
 def run_static(local: LocalModel, jobs: list[Job], concurrency: int) -> Run:
     """One in-process batched ``generate`` per group of N prompts: the engine's ceiling. Off the
-    main thread like every other mode (``off_main_thread``): there it ran 6-10x slower."""
-    return off_main_thread(lambda: _run_static(local, jobs, concurrency))
+    main thread like every other mode (``worker.devices.on_own_thread``): there it ran 6-10x slower."""
+    return on_own_thread(lambda: _run_static(local, jobs, concurrency))
 
 
 def _run_static(local: LocalModel, jobs: list[Job], concurrency: int) -> Run:

@@ -55,9 +55,9 @@ def operator_shares(self_times: dict[str, float]) -> dict[str, float]:
 def profile(path: str, threads: int, machine: Machine, out: Path, label: str, rows: int = BATCH) -> dict[str, Any]:
     """Time and profile ``rows``-row decode steps of the model at ``path``; returns the figures.
     Off the main thread, as the worker's engine runs its model on a thread of its own."""
-    from bench.workload import off_main_thread
+    from worker.devices import on_own_thread
 
-    return off_main_thread(lambda: _profile(path, threads, machine, out, label, rows))
+    return on_own_thread(lambda: _profile(path, threads, machine, out, label, rows))
 
 
 def _profile(path: str, threads: int, machine: Machine, out: Path, label: str, rows: int) -> dict[str, Any]:

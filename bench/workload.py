@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from bench.overhead import overhead_stats
-from worker.devices import on_own_thread
 
 T = TypeVar("T")
 
@@ -176,14 +175,6 @@ def _safe(serve: Callable[[Job], Sample], job: Job) -> Sample:
         return serve(job)
     except Exception as error:  # noqa: BLE001 - a failed request is a data point, not a crash
         return clock.sample(job, 0, "", f"{type(error).__name__}: {error}")
-
-
-def off_main_thread(work: Callable[[], T]) -> T:
-    """``work()`` on a thread of its own, as the worker's engine runs its model (its model thread)
-    and every closed-loop client does (``worker.devices.on_own_thread``: a thread that ends frees
-    its OpenMP team, and libgomp cuts every thread's spinning while more teams than cores live;
-    measured on this 2-core host, the same torch ops from the main thread ran 2-13x slower)."""
-    return on_own_thread(work)
 
 
 def chunks(items: list[Job], size: int) -> Iterator[list[Job]]:

@@ -280,8 +280,8 @@ class _SlabLayer(DynamicLayer):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return super().update(key_states, value_states, *args, **kwargs)
         used, new = self.keys.shape[-2], key_states.shape[-2]
-        buffers = getattr(self, "_buffers", None)
-        if buffers is None or self.keys is not getattr(self, "_view", None) or used + new > buffers[0].shape[-2]:
+        buffers = self._own_buffers()
+        if buffers is None or used + new > buffers[0].shape[-2]:
             buffers = self._reserve(used + new + self.SPARE)
         buffers[0][:, :, used:used + new] = key_states
         buffers[1][:, :, used:used + new] = value_states
@@ -289,17 +289,24 @@ class _SlabLayer(DynamicLayer):
         self._view = self.keys
         return self.keys, self.values
 
-    def move_rows(self, holes: list[int], movers: list[int], size: int) -> bool:
-        """Copy row ``movers[i]`` into row ``holes[i]`` and keep the first ``size`` rows, in the
-        buffers; ``False`` (nothing done) when the keys are not views of them."""
+    def _own_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers, while the keys are the view of them this layer made (``None`` otherwise)."""
         buffers = getattr(self, "_buffers", None)
-        if buffers is None or self.keys is None or self.keys is not getattr(self, "_view", None):
+        owned = buffers is not None and self.keys is not None and self.keys is getattr(self, "_view", None)
+        return buffers if owned else None
+
+    def move_rows(self, order: list[int]) -> bool:
+        """Row ``i`` becomes row ``order[i]`` (rows kept in place copy nothing), in the buffers, cut
+        to ``len(order)`` rows; ``False`` (nothing done) when the keys are not views of them."""
+        buffers = self._own_buffers()
+        if buffers is None:
             return False
-        used = self.keys.shape[-2]
+        used, size = self.keys.shape[-2], len(order)
         with torch.inference_mode():  # the buffers are inference tensors (written in a forward)
-            for hole, mover in zip(holes, movers, strict=True):
-                for buffer in buffers:
-                    buffer[hole, :, :used] = buffer[mover, :, :used]
+            for row, source in enumerate(order):
+                if source != row:
+                    for buffer in buffers:
+                        buffer[row, :, :used] = buffer[source, :, :used]
         self._buffers = (buffers[0][:size], buffers[1][:size])
         self.keys, self.values = self._buffers[0][:, :, :used], self._buffers[1][:, :, :used]
         self._view = self.keys
@@ -364,14 +371,11 @@ def _select(block: _Block, keep: list[int]) -> _Block:
     bench model left, a gather of the 15 others took 84 ms, two decode steps); other layers gather.
     The rows' order changes; ``rows``, ``mask`` and ``last`` follow it."""
     kept, size = set(keep), len(keep)
-    holes = [i for i in range(size) if i not in kept]
-    movers = [i for i in keep if i >= size]
-    order = list(range(size))
-    for hole, mover in zip(holes, movers, strict=True):
-        order[hole] = mover
+    movers = iter(i for i in keep if i >= size)
+    order = [i if i in kept else next(movers) for i in range(size)]
     index = torch.tensor(order, device=block.mask.device)
     for layer in _layers(block.cache):
-        if not (isinstance(layer, _SlabLayer) and layer.move_rows(holes, movers, size)):
+        if not (isinstance(layer, _SlabLayer) and layer.move_rows(order)):
             layer.keys, layer.values = layer.keys[index], layer.values[index]
     return _Block([block.rows[i] for i in order], block.cache, block.mask[index], block.last[index])
 
