@@ -90,6 +90,10 @@ class FarmSettings:
     """Continuous strategy: while rows run, requests joining them are prefilled in chunks of at
     most this many tokens (rows × prompt columns) per decode step, so that a long prompt joining
     does not stall the running rows for its whole prefill; 0 prefills joiners at once."""
+    packed_prefill: int = 1
+    """Continuous strategy: 1 prefills joiners of one adapter as one sequence without left padding
+    where that takes fewer FLOPs (short prompts of unequal lengths: 15 prompts of 11-53 tokens
+    prefilled in ~0.55x the time); 0 always left-pads them to the longest."""
     max_inflight: int = 64
     """Messages a worker process reserves at once (threads in its pool)."""
     torch_threads: int = 0

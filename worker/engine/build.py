@@ -27,7 +27,8 @@ def make_engine(settings: FarmSettings, loaded: Any, sinks: EngineSinks, worker_
     args = (settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms / 1000)
     strategy: Strategy
     if settings.strategy == "continuous":
-        batch = ContinuousBatch(runner, _prefix_cache(settings, loaded), settings.prefill_chunk_tokens)
+        batch = ContinuousBatch(runner, _prefix_cache(settings, loaded), settings.prefill_chunk_tokens,
+                                bool(settings.packed_prefill))
         strategy = ContinuousStrategy(ContinuousScheduler(*args), batch)
     else:
         strategy = DynamicStrategy(DynamicScheduler(*args), runner)

@@ -28,7 +28,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from worker.engine.model_runner import ModelRunner
-from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, LayerKV, PrefixCache, block_keys, reusable_blocks
+from worker.engine.packed_prefill import Costs, cheaper, pack, stack_blocks, unpack
+from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, PrefixCache, block_keys, reusable_blocks
 from worker.engine.runner import BatchRow, StepObserver, advance_rows
 from worker.engine.sampling import RowSampler
 
@@ -71,7 +72,8 @@ class _Filling:
 class ContinuousBatch:
     """The running batch on one model. Only the engine's model thread calls it."""
 
-    def __init__(self, runner: ModelRunner, prefix: PrefixCache | None = None, chunk_tokens: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, prefix: PrefixCache | None = None, chunk_tokens: int = 0,
+                 packed_prefill: bool = True) -> None:
         self.runner = runner
         self.chunk_tokens = chunk_tokens
         """Most prefill tokens per decode step while rows run; 0: joiners are prefilled at once."""
@@ -80,6 +82,10 @@ class ContinuousBatch:
         self.prefix = prefix if prefix is not None and _cacheable(self.config) else None
         if prefix is not None and self.prefix is None:
             log.info("prefix cache off: the model has sliding-window layers")
+        packs = packed_prefill and _cacheable(self.config) and self.config._attn_implementation == "sdpa"
+        self.costs = Costs.of(runner.loaded.model, self.config) if packs else None
+        """Set when joiners may be prefilled packed (``packed_prefill.py``)."""
+        self.packed_prefills = 0
         self.block: _Block | None = None
 
     @property
@@ -118,6 +124,9 @@ class ContinuousBatch:
         if self.filling is not None:
             raise RuntimeError("rows joined during a chunked prefill")  # the strategy waits for it
         cached = [self._cached_blocks(row) for row in rows]
+        if self._packs(rows, cached, chunk_tokens):
+            self._fill_packed(rows, cached, observer)
+            return
         filling = _Filling(rows, *self._prefill_inputs(rows, cached), [len(blocks) for blocks in cached],
                            chunk_tokens)
         self.filling = filling
@@ -148,6 +157,34 @@ class ContinuousBatch:
         tokens = self._advance(rows, logits, observer)
         self.block = _merge(self.block, _Block(rows, filling.cache, mask, tokens))
 
+    def _packs(self, rows: list[BatchRow], cached: list[list[BlockKV]], chunk_tokens: int) -> bool:
+        """Whether ``rows`` are prefilled packed: several rows of one adapter (peft routes mixed
+        adapters per batch row), not to be chunked, and fewer FLOPs packed than padded."""
+        if self.costs is None or len(rows) < 2 or len({row.adapter for row in rows}) > 1:
+            return False
+        past = [len(blocks) * BLOCK_TOKENS for blocks in cached]
+        new = [len(row.input_ids) - n for row, n in zip(rows, past, strict=True)]
+        if self.block is not None and 0 < chunk_tokens < sum(new):
+            return False  # rows run: the padded prefill goes in chunks between their steps
+        distinct = {key for row, blocks in zip(rows, cached, strict=True) for key in self._keys(row)[:len(blocks)]}
+        return cheaper(self.costs, new, past, len(distinct) * BLOCK_TOKENS)
+
+    def _fill_packed(self, rows: list[BatchRow], cached: list[list[BlockKV]], observer: StepObserver) -> None:
+        """Prefill ``rows`` packed in one sequence, stream their first token, add them to the batch."""
+        keyed = [list(zip(self._keys(row), blocks, strict=False)) for row, blocks in zip(rows, cached, strict=True)]
+        packed = pack([row.input_ids for row in rows], keyed, self.runner.loaded.device)
+        cache = _slab_cache(self.config)
+        for layer, past in zip(cache.layers, packed.past or [], strict=False):
+            layer.update(*past)
+        logits, cache = self._forward(rows, packed.ids, packed.mask, packed.positions, cache, packed.last)
+        for layer in _layers(cache):
+            layer.keys, layer.values = unpack(packed, layer.keys, layer.values)
+        if self.prefix is not None:
+            self._keep_blocks(rows, [len(blocks) for blocks in cached], cache, packed.row_mask.shape[1])
+        self.packed_prefills += 1
+        tokens = self._advance(rows, logits, observer)
+        self.block = _merge(self.block, _Block(rows, cache, packed.row_mask, tokens))
+
     def _prefill_inputs(self, rows: list[BatchRow], cached: list[list[BlockKV]]) -> tuple[Any, ...]:
         """Inputs of a prefill after each row's cached blocks: ids [N, S] of the rest, left-padded;
         mask [N, P+S] and the cache holding the cached blocks in P columns (each row's right-aligned,
@@ -162,7 +199,7 @@ class ContinuousBatch:
         past = torch.tensor([[0] * (width - n) + [1] * n for n in done], device=mask.device, dtype=mask.dtype)
         cache = _slab_cache(self.config)
         for index, layer in enumerate(cache.layers):
-            layer.update(*_stack_blocks([[block[index] for block in blocks] for blocks in cached], width))
+            layer.update(*stack_blocks([[block[index] for block in blocks] for blocks in cached], width))
         return ids, torch.cat([past, mask], dim=-1), positions, cache
 
     def _cached_blocks(self, row: BatchRow) -> list[BlockKV]:
@@ -248,14 +285,17 @@ class ContinuousBatch:
         return rows
 
     def _forward(self, rows: list[BatchRow], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any) -> tuple[torch.Tensor, Any]:
+                 cache: Any, last: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """The rows' next-token logits [B, V]: at each row's last column, or at the columns ``last``
+        of a packed single-row input."""
         model = self.runner.loaded.model
         cache = cache if cache is not None else _slab_cache(self.config)
         with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1, **adapter_kwargs)
+                        use_cache=True, logits_to_keep=1 if last is None else last, **adapter_kwargs)
+        logits = out.logits[:, -1, :] if last is None else out.logits[0]
         # generate's own cast: scores in float32, copied out of the model's buffer.
-        return out.logits[:, -1, :].to(copy=True, dtype=torch.float32), out.cache  # [B, V]
+        return logits.to(copy=True, dtype=torch.float32), out.cache
 
     def _advance(self, rows: list[BatchRow], logits: torch.Tensor, observer: StepObserver) -> torch.Tensor:
         """Pick each row's token (greedy or its own sampler), push it, stream; returns [B]."""
@@ -337,19 +377,6 @@ def _slab_cache(config: Any) -> Any:
 def _cacheable(config: Any) -> bool:
     """Whether every layer's cache is a plain full-attention one (a sliding window keeps no prefix)."""
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
-
-
-def _stack_blocks(rows: list[list[LayerKV]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's keys and values [N, H, width, D] from each row's cached blocks, right-aligned."""
-    sample = next(blocks[0] for blocks in rows if blocks)[0]  # [H, BLOCK, D]
-    heads, _, dim = sample.shape
-    keys = sample.new_zeros((len(rows), heads, width, dim))
-    values = sample.new_zeros((len(rows), heads, width, dim))
-    for i, blocks in enumerate(rows):
-        if blocks:
-            keys[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([k for k, _ in blocks], dim=1)
-            values[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([v for _, v in blocks], dim=1)
-    return keys, values
 
 
 def _base_config(model: Any) -> Any:

@@ -1,0 +1,126 @@
+"""Packed prefill (``worker/engine/packed_prefill.py``): the layout in pure tests, then joiners
+prefilled packed on the tiny model giving exactly plain ``generate``'s tokens, with and without
+prefix-cached blocks; mixed adapters and single rows stay padded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from protocol.schema import GenerationRequest
+from tests.helpers import PROMPTS, Quiet, tiny_runner
+from worker.engine.packed_prefill import Costs, cheaper, pack
+from worker.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+
+def test_prompts_lie_end_to_end_and_each_token_sees_only_its_own_prompt() -> None:
+    packed = pack([[5, 6, 7], [8, 9]], [[], []], "cpu")
+    assert packed.ids.tolist() == [[5, 6, 7, 8, 9]] and packed.positions.tolist() == [[0, 1, 2, 0, 1]]
+    assert packed.past is None and packed.last.tolist() == [2, 4]
+    sees = packed.mask[0, 0].int().tolist()
+    assert sees == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    # back to the batch's layout: rows right-aligned, the short one left-padded (masked)
+    assert packed.row_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert packed.gather.tolist()[0] == [0, 1, 2] and packed.gather.tolist()[1][1:] == [3, 4]
+
+
+def test_a_cached_block_shared_by_two_rows_is_held_once() -> None:
+    block = [(torch.full((2, BLOCK_TOKENS, 4), 1.0), torch.full((2, BLOCK_TOKENS, 4), 2.0))]  # one layer
+    other = [(torch.zeros(2, BLOCK_TOKENS, 4), torch.zeros(2, BLOCK_TOKENS, 4))]
+    prompts = [list(range(BLOCK_TOKENS + 2)), list(range(BLOCK_TOKENS + 1)), list(range(2 * BLOCK_TOKENS + 1))]
+    cached = [[(b"a", block)], [(b"a", block)], [(b"a", block), (b"b", other)]]
+    packed = pack(prompts, cached, "cpu")
+    assert packed.past is not None and packed.past[0][0].shape == (1, 2, 2 * BLOCK_TOKENS, 4)  # a, b once each
+    assert packed.positions.tolist() == [[BLOCK_TOKENS, BLOCK_TOKENS + 1, BLOCK_TOKENS, 2 * BLOCK_TOKENS]]
+    sees = packed.mask[0, 0]
+    past = 2 * BLOCK_TOKENS
+    assert sees[:3, :BLOCK_TOKENS].all() and not sees[:3, BLOCK_TOKENS:past].any()  # rows 1, 2: block a only
+    assert sees[3, :past].all()  # row 3: a and b
+    assert sees[1, past:].tolist() == [True, True, False, False] and sees[2, past:].tolist() == [False, False, True, False]
+    assert packed.gather[0, -(BLOCK_TOKENS + 2):].tolist() == list(range(BLOCK_TOKENS)) + [past, past + 1]
+    assert packed.row_mask.sum(-1).tolist() == [len(p) for p in prompts]
+
+
+def test_packing_is_chosen_when_it_takes_fewer_flops() -> None:
+    costs = Costs(token=2e8, pair=4e4)
+    assert cheaper(costs, [12, 50, 18, 45, 11], [0] * 5, 0)  # short prompts of unequal lengths
+    assert not cheaper(costs, [40, 40, 40], [0] * 3, 0)  # equal lengths: nothing to save
+    assert not cheaper(Costs(token=1.0, pair=1.0), [400, 300, 350], [0] * 3, 0)  # attention-bound: dense mask loses
+    # rows after a shared cached prefix: held once, so still cheaper packed
+    assert cheaper(costs, [5, 30, 12], [512] * 3, 512)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model: Path) -> Iterator[Any]:
+    yield from tiny_runner(tiny_model)
+
+
+def _plain_generate(runner: Any, ids: list[int], new_tokens: int, adapter: str) -> list[int]:
+    model = runner.loaded.model
+    with torch.inference_mode():
+        if adapter == "base":
+            with model.disable_adapter():
+                out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                     eos_token_id=None)
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=None)
+    return list(out[0, len(ids):].tolist())
+
+
+def _run(runner: Any, prompts: list[str], adapters: list[str], waves: list[int], prefix: PrefixCache | None = None,
+         packed: bool = True) -> tuple[list[Any], Any]:
+    """Rows join in groups of ``waves`` (the first when nothing runs, the others while rows run)."""
+    from worker.engine.kv_slab import ContinuousBatch
+
+    rows = [runner.new_row(f"r{i}", runner.encode(p), GenerationRequest(prompt=p, max_new_tokens=8 + i, adapter=a,
+                                                                        ignore_eos=True))
+            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+    batch = ContinuousBatch(runner, prefix, chunk_tokens=2048, packed_prefill=packed)
+    start = 0
+    for size in waves:
+        batch.join(rows[start:start + size], Quiet())
+        start += size
+        batch.step(Quiet())
+        batch.evict()
+    while batch.rows:
+        batch.step(Quiet())
+        batch.evict()
+    return rows, batch
+
+
+@pytest.mark.integration
+def test_joiners_prefilled_packed_generate_what_plain_generate_does(runner: Any) -> None:
+    prompts = PROMPTS[:7]
+    rows, batch = _run(runner, prompts, ["default"] * 7, [4, 3])
+    assert batch.packed_prefills == 2  # both waves, the second while the first ran
+    for row in rows:
+        assert row.state.tokens == _plain_generate(runner, row.input_ids, row.request.max_new_tokens, "default")
+    padded, off = _run(runner, prompts, ["default"] * 7, [4, 3], packed=False)
+    assert off.packed_prefills == 0 and [r.state.tokens for r in padded] == [r.state.tokens for r in rows]
+
+
+@pytest.mark.integration
+def test_packed_joiners_after_cached_prefix_blocks(runner: Any) -> None:
+    shared = " ".join(PROMPTS * 6)
+    prompts = [f"{shared} {p}" for p in PROMPTS[:6]]
+    cache = PrefixCache(64 * 2**20)
+    first, _ = _run(runner, prompts[:1], ["base"], [1], cache)  # caches the shared blocks
+    rows, batch = _run(runner, prompts, ["base"] * 6, [6], cache)
+    assert batch.packed_prefills == 1 and cache.stats.hit_tokens >= 6 * 3 * BLOCK_TOKENS
+    assert rows[0].state.tokens[:len(first[0].state.tokens)] == first[0].state.tokens
+    for row in rows:
+        assert row.state.tokens == _plain_generate(runner, row.input_ids, row.request.max_new_tokens, "base")
+
+
+@pytest.mark.integration
+def test_mixed_adapters_and_a_lone_row_stay_padded(runner: Any) -> None:
+    rows, batch = _run(runner, PROMPTS[:5], ["default", "second", "base", "default", "second"], [4, 1])
+    assert batch.packed_prefills == 0
+    for row in rows:
+        assert row.state.tokens == _plain_generate(runner, row.input_ids, row.request.max_new_tokens, row.adapter)
