@@ -113,13 +113,16 @@ def pack(prompts: list[list[int]], cached: list[list[tuple[bytes, BlockKV]]], de
 
 
 def unpack(packed: Packed, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's packed cache [1, H, P + T, D] as the batch's rows [N, H, W, D]."""
+    """One layer's packed cache [1, H, P + T, D] as the batch's rows [N, H, W, D] (views of one
+    gathered copy each, laid out [N, W, H, D])."""
     return _rows(keys, packed.gather), _rows(values, packed.gather)
 
 
 def _rows(tensor: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    # [H, N, W, D] -> [N, H, W, D]
-    return tensor[0][:, gather].transpose(0, 1).contiguous()
+    rows, width = gather.shape
+    columns = tensor[0].transpose(0, 1)  # [P + T, H, D]
+    picked = columns.index_select(0, gather.flatten()).view(rows, width, *columns.shape[1:])
+    return picked.permute(0, 2, 1, 3)
 
 
 def stack_blocks(rows: list[list[LayerKV]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
