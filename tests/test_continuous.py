@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 
 from producer import FarmClient
+from protocol.names import stream_key
 from protocol.schema import GenerationRequest
+from protocol.settings import FarmSettings
 from tests.conftest import RedisServer, WorkerProcess, start_worker, wait_until
 from tests.helpers import PROMPTS, Quiet, reference_text, submit_all, tiny_runner
 
@@ -149,12 +152,15 @@ def test_short_request_finishes_before_earlier_long_one(cclient: FarmClient) -> 
     assert long.result(timeout=120).completion_tokens == 1024
 
 
-def test_continuous_stream_equals_final_text(cclient: FarmClient) -> None:
+def test_continuous_stream_equals_final_text(cclient: FarmClient, continuous_worker: WorkerProcess) -> None:
     handles = [cclient.submit(p, max_new_tokens=30 + 5 * i) for i, p in enumerate(PROMPTS[:4])]
+    db = redis.Redis.from_url(continuous_worker.redis_url)
     for handle in handles:
         deltas = list(handle.stream(timeout=60))
         result = handle.result(timeout=30)
         assert len(deltas) > 1 and "".join(deltas) == result.text
+        ttl = db.ttl(stream_key(handle.id))  # set with the first event, kept by the deltas
+        assert 0 < ttl <= FarmSettings().result_expires
 
 
 def test_cancel_one_row_of_a_continuous_batch(cclient: FarmClient) -> None:

@@ -40,7 +40,8 @@ def test_a_cached_block_shared_by_two_rows_is_held_once() -> None:
     past = 2 * BLOCK_TOKENS
     assert sees[:3, :BLOCK_TOKENS].all() and not sees[:3, BLOCK_TOKENS:past].any()  # rows 1, 2: block a only
     assert sees[3, :past].all()  # row 3: a and b
-    assert sees[1, past:].tolist() == [True, True, False, False] and sees[2, past:].tolist() == [False, False, True, False]
+    assert sees[1, past:].tolist() == [True, True, False, False]
+    assert sees[2, past:].tolist() == [False, False, True, False]
     assert packed.gather[0, -(BLOCK_TOKENS + 2):].tolist() == list(range(BLOCK_TOKENS)) + [past, past + 1]
     assert packed.row_mask.sum(-1).tolist() == [len(p) for p in prompts]
 

@@ -68,15 +68,17 @@ class RedisStreamSink:
         if not self._buffer:
             return
         pipe = self.client.pipeline(transaction=False)
-        for request_id, text in self._buffer.items():
-            self._add(pipe, request_id, {"type": "delta", "text": text})
+        for request_id, text in self._buffer.items():  # the TTL set at "start" holds
+            self._add(pipe, request_id, {"type": "delta", "text": text}, expire=False)
         self._buffer = {}
         _execute(pipe)
 
-    def _add(self, pipe: redis.client.Pipeline, request_id: str, event: dict[str, object]) -> None:
+    def _add(self, pipe: redis.client.Pipeline, request_id: str, event: dict[str, object],
+             expire: bool = True) -> None:
         key = stream_key(request_id)
         pipe.xadd(key, {"event": json.dumps(event)}, maxlen=self.maxlen, approximate=True)
-        pipe.expire(key, self.ttl)
+        if expire:
+            pipe.expire(key, self.ttl)
 
 
 class RedisCancelFlags:
