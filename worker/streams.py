@@ -2,8 +2,8 @@
 
 Each request has a stream of events ``start`` (worker, batch size), ``delta`` (text) and ``end``
 (finish reason). Deltas are buffered and flushed in one pipeline at most every
-``flush_interval`` seconds (and at once for a first token or a finished row), so a batch of 16
-costs one round trip per flush, not 16 per token.
+``flush_interval`` seconds (``FARM_STREAM_FLUSH_MS``; at once for a first token or a finished
+row), so a batch of 16 costs one round trip per flush, not 16 per token.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def redis_sinks(client: redis.Redis, settings: FarmSettings) -> EngineSinks:
     """The three sinks of a worker on its Redis."""
-    return EngineSinks(RedisStreamSink(client, settings.stream_maxlen, settings.result_expires),
+    return EngineSinks(RedisStreamSink(client, settings.stream_maxlen, settings.result_expires,
+                                       settings.stream_flush_ms / 1000),
                        RedisCancelFlags(client), RedisExecutionCounter(client, bool(settings.count_executions)))
 
 
