@@ -446,8 +446,8 @@ def _merge(running: _Block | None, joined: _Block) -> _Block:
         if isinstance(old, _SlabLayer):
             _adopt_stacked(old, [old, new], width)
         else:
-            old.keys = _stacked([old.keys, new.keys], width)
-            old.values = _stacked([old.values, new.values], width)
+            old.keys = _stacked([old.keys, new.keys], width, width)
+            old.values = _stacked([old.values, new.values], width, width)
     mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(joined.mask, width, 1)])
     return _Block(running.rows + joined.rows, running.cache, mask, torch.cat([running.last, joined.last]))
 
