@@ -128,12 +128,12 @@ def test_mixed_adapters_and_a_lone_row_stay_padded(runner: Any) -> None:
 
 
 def test_merged_rows_are_right_aligned_on_zeros_in_one_buffer() -> None:
-    from worker.engine.kv_slab import _stacked
+    from worker.engine.slab_layer import stacked
 
     old, new = torch.ones(2, 3, 4, 5), torch.full((1, 3, 2, 5), 2.0)
-    out = _stacked([old, new], 6, 4)  # 4 columns in use, 2 spare
+    out = stacked([old, new], 6, 4)  # 4 columns in use, 2 spare
     assert out.shape == (3, 3, 6, 5)
     assert bool((out[:2, :, :4] == 1).all()) and bool((out[2, :, :2] == 0).all()) and bool((out[2, :, 2:4] == 2).all())
-    exact = _stacked([new, old], 6, 6)  # a layer without spare columns: padded to the batch's width
+    exact = stacked([new, old], 6, 6)  # a layer without spare columns: padded to the batch's width
     assert bool((exact[0, :, :4] == 0).all()) and bool((exact[0, :, 4:] == 2).all())
     assert bool((exact[1:, :, :2] == 0).all()) and bool((exact[1:, :, 2:] == 1).all())

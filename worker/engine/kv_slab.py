@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from worker.engine.model_runner import ModelRunner
 from worker.engine.packed_prefill import Costs, cheaper, pack, stack_blocks, unpack
 from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, PrefixCache, block_keys, reusable_blocks
 from worker.engine.runner import BatchRow, StepObserver, advance_rows
 from worker.engine.sampling import RowSampler
+from worker.engine.slab_layer import SlabLayer, adopt_stacked, cacheable, slab_cache, stacked
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,10 @@ class ContinuousBatch:
         """Most prefill tokens per decode step while rows run; 0: joiners are prefilled at once."""
         self.filling: _Filling | None = None
         self.config = _base_config(runner.loaded.model)
-        self.prefix = prefix if prefix is not None and _cacheable(self.config) else None
+        self.prefix = prefix if prefix is not None and cacheable(self.config) else None
         if prefix is not None and self.prefix is None:
             log.info("prefix cache off: the model has sliding-window layers")
-        packs = packed_prefill and _cacheable(self.config) and self.config._attn_implementation == "sdpa"
+        packs = packed_prefill and cacheable(self.config) and self.config._attn_implementation == "sdpa"
         self.costs = Costs.of(runner.loaded.model, self.config) if packs else None
         """Set when joiners may be prefilled packed (``packed_prefill.py``)."""
         self.packed_prefills = 0
@@ -173,7 +172,7 @@ class ContinuousBatch:
         """Prefill ``rows`` packed in one sequence, stream their first token, add them to the batch."""
         keyed = [list(zip(self._keys(row), blocks, strict=False)) for row, blocks in zip(rows, cached, strict=True)]
         packed = pack([row.input_ids for row in rows], keyed, self.runner.loaded.device)
-        cache = _slab_cache(self.config)
+        cache = slab_cache(self.config)
         for layer, past in zip(cache.layers, packed.past or [], strict=False):
             layer.update(*past)
         logits, cache = self._forward(rows, packed.ids, packed.mask, packed.positions, cache, packed.last)
@@ -197,7 +196,7 @@ class ContinuousBatch:
         if width == 0:
             return ids, mask, positions, None
         past = torch.tensor([[0] * (width - n) + [1] * n for n in done], device=mask.device, dtype=mask.dtype)
-        cache = _slab_cache(self.config)
+        cache = slab_cache(self.config)
         for index, layer in enumerate(cache.layers):
             layer.update(*stack_blocks([[block[index] for block in blocks] for blocks in cached], width))
         return ids, torch.cat([past, mask], dim=-1), positions, cache
@@ -289,7 +288,7 @@ class ContinuousBatch:
         """The rows' next-token logits [B, V]: at each row's last column, or at the columns ``last``
         of a packed single-row input."""
         model = self.runner.loaded.model
-        cache = cache if cache is not None else _slab_cache(self.config)
+        cache = cache if cache is not None else slab_cache(self.config)
         with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1 if last is None else last, **adapter_kwargs)
@@ -303,95 +302,6 @@ class ContinuousBatch:
         tokens = scores.argmax(dim=-1)  # [B]
         advance_rows(rows, tokens.tolist(), self.runner.decode, observer, time.monotonic())
         return tokens
-
-
-class _SlabLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys/values are views of buffers with spare columns.
-
-    ``DynamicLayer`` appends by ``torch.cat``, copying the whole cache at every step (for 16 rows
-    of the 100M model, ~120 MB per step); here a step writes its column in place. Keys/values
-    replaced from outside (rows cut out or merged) are copied into fresh buffers at the next step.
-    """
-
-    SPARE = 64
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        used, new = self.keys.shape[-2], key_states.shape[-2]
-        buffers = self._own_buffers()
-        if buffers is None or used + new > buffers[0].shape[-2]:
-            buffers = self._reserve(used + new + self.SPARE)
-        buffers[0][:, :, used:used + new] = key_states
-        buffers[1][:, :, used:used + new] = value_states
-        self.keys, self.values = buffers[0][:, :, :used + new], buffers[1][:, :, :used + new]
-        self._view = self.keys
-        return self.keys, self.values
-
-    def _own_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The buffers, while the keys are the view of them this layer made (``None`` otherwise)."""
-        buffers = getattr(self, "_buffers", None)
-        owned = buffers is not None and self.keys is not None and self.keys is getattr(self, "_view", None)
-        return buffers if owned else None
-
-    def move_rows(self, order: list[int]) -> bool:
-        """Row ``i`` becomes row ``order[i]`` (rows kept in place copy nothing), in the buffers, cut
-        to ``len(order)`` rows; ``False`` (nothing done) when the keys are not views of them."""
-        buffers = self._own_buffers()
-        if buffers is None:
-            return False
-        used, size = self.keys.shape[-2], len(order)
-        with torch.inference_mode():  # the buffers are inference tensors (written in a forward)
-            for row, source in enumerate(order):
-                if source != row:
-                    for buffer in buffers:
-                        buffer[row, :, :used] = buffer[source, :, :used]
-        self._buffers = (buffers[0][:size], buffers[1][:size])
-        self.keys, self.values = self._buffers[0][:, :, :used], self._buffers[1][:, :, :used]
-        self._view = self.keys
-        return True
-
-    def _reserve(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        self._buffers = (_stacked([self.keys], columns), _stacked([self.values], columns))
-        return self._buffers
-
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
-        """Take ``keys``/``values`` [B, H, C, D] as the buffers, their first ``used`` columns in use."""
-        self._buffers = (keys, values)
-        self.keys, self.values = keys[:, :, :used], values[:, :, :used]
-        self._view = self.keys
-
-
-def _stacked(parts: list[torch.Tensor], columns: int, width: int | None = None) -> torch.Tensor:
-    """The rows of ``parts`` [Bi, H, Si, D] stacked in one buffer of ``columns`` columns, each
-    part right-aligned at column ``width`` (default: the widest part) with zeros on its left; the
-    columns beyond ``width`` are left unwritten (a slab layer writes each before it reads it).
-    One allocation: every fresh buffer costs page faults (a 64-row join of the bench model
-    spent ~0.6 s in each of two copies of its cache)."""
-    width = width if width is not None else max(part.shape[2] for part in parts)
-    first = parts[0]
-    out = first.new_empty((sum(part.shape[0] for part in parts), first.shape[1], columns, first.shape[3]))
-    row = 0
-    for part in parts:
-        rows, length = part.shape[0], part.shape[2]
-        out[row:row + rows, :, :width - length] = 0
-        out[row:row + rows, :, width - length:width] = part
-        row += rows
-    return out
-
-
-def _slab_cache(config: Any) -> Any:
-    """A ``DynamicCache`` whose full-attention layers grow in place (sliding layers left as they are)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_SlabLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def _cacheable(config: Any) -> bool:
-    """Whether every layer's cache is a plain full-attention one (a sliding window keeps no prefix)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 def _base_config(model: Any) -> Any:
@@ -417,7 +327,7 @@ def _select(block: _Block, keep: list[int]) -> _Block:
     order = [i if i in kept else next(movers) for i in range(size)]
     index = torch.tensor(order, device=block.mask.device)
     for layer in _layers(block.cache):
-        if not (isinstance(layer, _SlabLayer) and layer.move_rows(order)):
+        if not (isinstance(layer, SlabLayer) and layer.move_rows(order)):
             layer.keys, layer.values = layer.keys[index], layer.values[index]
     return _Block([block.rows[i] for i in order], block.cache, block.mask[index], block.last[index])
 
@@ -438,24 +348,18 @@ def _merge(running: _Block | None, joined: _Block) -> _Block:
     layer's buffers with its spare columns (so the next step writes in place, copying nothing)."""
     if running is None:
         for layer in _layers(joined.cache):
-            if isinstance(layer, _SlabLayer) and layer._own_buffers() is None:
-                _adopt_stacked(layer, [layer], joined.mask.shape[1])
+            if isinstance(layer, SlabLayer) and layer._own_buffers() is None:
+                adopt_stacked(layer, [layer], joined.mask.shape[1])
         return joined
     width = max(running.mask.shape[1], joined.mask.shape[1])
     for old, new in zip(_layers(running.cache), _layers(joined.cache), strict=True):
-        if isinstance(old, _SlabLayer):
-            _adopt_stacked(old, [old, new], width)
+        if isinstance(old, SlabLayer):
+            adopt_stacked(old, [old, new], width)
         else:
-            old.keys = _stacked([old.keys, new.keys], width, width)
-            old.values = _stacked([old.values, new.values], width, width)
+            old.keys = stacked([old.keys, new.keys], width, width)
+            old.values = stacked([old.values, new.values], width, width)
     mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(joined.mask, width, 1)])
     return _Block(running.rows + joined.rows, running.cache, mask, torch.cat([running.last, joined.last]))
-
-
-def _adopt_stacked(layer: _SlabLayer, parts: list[Any], width: int) -> None:
-    columns = width + _SlabLayer.SPARE
-    layer.adopt(_stacked([part.keys for part in parts], columns, width),
-                _stacked([part.values for part in parts], columns, width), width)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
