@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from worker.engine.model_runner import ModelRunner
-from worker.engine.packed_prefill import Costs, cheaper, pack, stack_blocks, unpack
+from worker.engine.packed_prefill import Costs, cheaper, pack, unpack
 from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, PrefixCache, block_keys, reusable_blocks
 from worker.engine.runner import BatchRow, StepObserver, advance_rows
 from worker.engine.sampling import RowSampler
-from worker.engine.slab_layer import SlabLayer, adopt_stacked, cacheable, slab_cache, stacked
+from worker.engine.slab_layer import SlabLayer, cacheable, slab_cache, stacked
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class ContinuousBatch:
         if self._packs(rows, cached, chunk_tokens):
             self._fill_packed(rows, cached, observer)
             return
-        filling = _Filling(rows, *self._prefill_inputs(rows, cached), [len(blocks) for blocks in cached],
-                           chunk_tokens)
+        blocks = [[block for _, block in row_blocks] for row_blocks in cached]
+        filling = _Filling(rows, *self._prefill_inputs(rows, blocks), [len(b) for b in blocks], chunk_tokens)
         self.filling = filling
         try:
             self._fill(filling, observer)
@@ -150,13 +150,18 @@ class ContinuousBatch:
         if end < width:
             return
         self.filling = None
-        rows, mask = filling.rows, filling.mask
-        if self.prefix is not None:
-            self._keep_blocks(rows, filling.cached, filling.cache, mask.shape[1])
-        tokens = self._advance(rows, logits, observer)
-        self.block = _merge(self.block, _Block(rows, filling.cache, mask, tokens))
+        self._joined(filling.rows, filling.cached, filling.cache, filling.mask, logits, observer)
 
-    def _packs(self, rows: list[BatchRow], cached: list[list[BlockKV]], chunk_tokens: int) -> bool:
+    def _joined(self, rows: list[BatchRow], cached: list[int], cache: Any, mask: torch.Tensor,
+                logits: torch.Tensor, observer: StepObserver) -> None:
+        """Prefilled ``rows`` (``cached`` blocks each from the prefix cache, their cache and mask in
+        the batch's layout) keep their new blocks, stream their first token and join the batch."""
+        if self.prefix is not None:
+            self._keep_blocks(rows, cached, cache, mask.shape[1])
+        tokens = self._advance(rows, logits, observer)
+        self.block = _merge(self.block, _Block(rows, cache, mask, tokens))
+
+    def _packs(self, rows: list[BatchRow], cached: list[list[tuple[bytes, BlockKV]]], chunk_tokens: int) -> bool:
         """Whether ``rows`` are prefilled packed: several rows of one adapter (peft routes mixed
         adapters per batch row), not to be chunked, and fewer FLOPs packed than padded."""
         if self.costs is None or len(rows) < 2 or len({row.adapter for row in rows}) > 1:
@@ -165,24 +170,21 @@ class ContinuousBatch:
         new = [len(row.input_ids) - n for row, n in zip(rows, past, strict=True)]
         if self.block is not None and 0 < chunk_tokens < sum(new):
             return False  # rows run: the padded prefill goes in chunks between their steps
-        distinct = {key for row, blocks in zip(rows, cached, strict=True) for key in self._keys(row)[:len(blocks)]}
+        distinct = {key for row_blocks in cached for key, _ in row_blocks}
         return cheaper(self.costs, new, past, len(distinct) * BLOCK_TOKENS)
 
-    def _fill_packed(self, rows: list[BatchRow], cached: list[list[BlockKV]], observer: StepObserver) -> None:
+    def _fill_packed(self, rows: list[BatchRow], cached: list[list[tuple[bytes, BlockKV]]],
+                     observer: StepObserver) -> None:
         """Prefill ``rows`` packed in one sequence, stream their first token, add them to the batch."""
-        keyed = [list(zip(self._keys(row), blocks, strict=False)) for row, blocks in zip(rows, cached, strict=True)]
-        packed = pack([row.input_ids for row in rows], keyed, self.runner.loaded.device)
+        packed = pack([row.input_ids for row in rows], cached, self.runner.loaded.device)
         cache = slab_cache(self.config)
         for layer, past in zip(cache.layers, packed.past or [], strict=False):
             layer.update(*past)
         logits, cache = self._forward(rows, packed.ids, packed.mask, packed.positions, cache, packed.last)
         for layer in _layers(cache):
             layer.keys, layer.values = unpack(packed, layer.keys, layer.values)
-        if self.prefix is not None:
-            self._keep_blocks(rows, [len(blocks) for blocks in cached], cache, packed.row_mask.shape[1])
         self.packed_prefills += 1
-        tokens = self._advance(rows, logits, observer)
-        self.block = _merge(self.block, _Block(rows, cache, packed.row_mask, tokens))
+        self._joined(rows, [len(row_blocks) for row_blocks in cached], cache, packed.row_mask, logits, observer)
 
     def _prefill_inputs(self, rows: list[BatchRow], cached: list[list[BlockKV]]) -> tuple[Any, ...]:
         """Inputs of a prefill after each row's cached blocks: ids [N, S] of the rest, left-padded;
@@ -198,13 +200,15 @@ class ContinuousBatch:
         past = torch.tensor([[0] * (width - n) + [1] * n for n in done], device=mask.device, dtype=mask.dtype)
         cache = slab_cache(self.config)
         for index, layer in enumerate(cache.layers):
-            layer.update(*stack_blocks([[block[index] for block in blocks] for blocks in cached], width))
+            layer.update(*_cached_layer(cached, index, width))
         return ids, torch.cat([past, mask], dim=-1), positions, cache
 
-    def _cached_blocks(self, row: BatchRow) -> list[BlockKV]:
+    def _cached_blocks(self, row: BatchRow) -> list[tuple[bytes, BlockKV]]:
+        """The row's leading blocks the prefix cache holds, with their keys."""
         if self.prefix is None:
             return []
-        return self.prefix.match(self._keys(row), reusable_blocks(len(row.input_ids)))
+        keys = self._keys(row)
+        return list(zip(keys, self.prefix.match(keys, reusable_blocks(len(row.input_ids))), strict=False))
 
     def _keys(self, row: BatchRow) -> list[bytes]:
         return block_keys(row.input_ids, row.adapter)
@@ -348,18 +352,29 @@ def _merge(running: _Block | None, joined: _Block) -> _Block:
     layer's buffers with its spare columns (so the next step writes in place, copying nothing)."""
     if running is None:
         for layer in _layers(joined.cache):
-            if isinstance(layer, SlabLayer) and layer._own_buffers() is None:
-                adopt_stacked(layer, [layer], joined.mask.shape[1])
+            if isinstance(layer, SlabLayer) and not layer.owns_buffers:
+                layer.stack_in([layer], joined.mask.shape[1])
         return joined
     width = max(running.mask.shape[1], joined.mask.shape[1])
     for old, new in zip(_layers(running.cache), _layers(joined.cache), strict=True):
         if isinstance(old, SlabLayer):
-            adopt_stacked(old, [old, new], width)
+            old.stack_in([old, new], width)
         else:
             old.keys = stacked([old.keys, new.keys], width, width)
             old.values = stacked([old.values, new.values], width, width)
     mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(joined.mask, width, 1)])
     return _Block(running.rows + joined.rows, running.cache, mask, torch.cat([running.last, joined.last]))
+
+
+def _cached_layer(cached: list[list[BlockKV]], layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values [N, H, width, D] of each row's cached blocks, right-aligned on zeros."""
+    sample = next(blocks[0][layer][0] for blocks in cached if blocks)  # [H, BLOCK, D]
+
+    def rows(part: int) -> list[torch.Tensor]:
+        return [torch.cat([block[layer][part] for block in blocks], dim=1)[None] if blocks
+                else sample.new_empty((1, sample.shape[0], 0, sample.shape[2])) for blocks in cached]
+
+    return stacked(rows(0), width, width), stacked(rows(1), width, width)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

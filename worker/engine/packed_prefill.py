@@ -10,10 +10,10 @@ back into the running batch's layout: one left-padded row per prompt, its tokens
 last column. Every token sees exactly the keys it sees in a padded prefill, so outputs are the same
 up to float rounding of the different matmul shapes, as with any batching.
 
-A dense mask costs attention over every pair of the packed tokens, so ``plan`` packs only when the
-packed layout takes fewer FLOPs than the padded one (short, unequal prompts: yes; many long ones:
-no) and the model attends through ``sdpa`` (the only implementation taking a boolean 4D mask as
-it is) with no sliding-window layer.
+A dense mask costs attention over every pair of the packed tokens, so ``ContinuousBatch._packs``
+packs only when ``cheaper`` finds the packed layout takes fewer FLOPs than the padded one (short,
+unequal prompts: yes; many long ones: no) and the model attends through ``sdpa`` (the only
+implementation taking a boolean 4D mask as it is) with no sliding-window layer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, LayerKV
+from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def pack(prompts: list[list[int]], cached: list[list[tuple[bytes, BlockKV]]], de
     mask = torch.zeros(total, past_width + total, dtype=torch.bool)
     gather = torch.zeros(len(prompts), width, dtype=torch.long)
     row_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    positions, last, start = [], [], 0
+    positions: list[int] = []
+    last: list[int] = []
+    start = 0
     for i, (new, row) in enumerate(zip(news, cached, strict=True)):
         length, done = len(new), len(row) * BLOCK_TOKENS
         span = slice(start, start + length)
@@ -124,16 +126,3 @@ def _rows(tensor: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     picked = columns.index_select(0, gather.flatten()).view(rows, width, *columns.shape[1:])
     return picked.permute(0, 2, 1, 3)
 
-
-def stack_blocks(rows: list[list[LayerKV]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The padded layout of cached blocks: one layer's keys and values [N, H, width, D] from each
-    row's cached blocks, right-aligned."""
-    sample = next(blocks[0] for blocks in rows if blocks)[0]  # [H, BLOCK, D]
-    heads, _, dim = sample.shape
-    keys = sample.new_zeros((len(rows), heads, width, dim))
-    values = sample.new_zeros((len(rows), heads, width, dim))
-    for i, blocks in enumerate(rows):
-        if blocks:
-            keys[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([k for k, _ in blocks], dim=1)
-            values[i, :, width - len(blocks) * BLOCK_TOKENS:] = torch.cat([v for _, v in blocks], dim=1)
-    return keys, values

@@ -15,8 +15,10 @@ class SlabLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values are views of buffers with spare columns.
 
     ``DynamicLayer`` appends by ``torch.cat``, copying the whole cache at every step (for 16 rows
-    of the 100M model, ~120 MB per step); here a step writes its column in place. Keys/values
-    replaced from outside (rows cut out or merged) are copied into fresh buffers at the next step.
+    of the 100M model, ~120 MB per step); here a step writes its column in place. Rows that leave
+    move inside the buffers (``move_rows``) and joins are stacked into new ones once
+    (``stack_in``); keys/values replaced from outside otherwise (a trim) are copied into fresh
+    buffers at the next step.
     """
 
     SPARE = 64
@@ -63,6 +65,18 @@ class SlabLayer(DynamicLayer):
         self._buffers = (stacked([self.keys], columns), stacked([self.values], columns))
         return self._buffers
 
+    @property
+    def owns_buffers(self) -> bool:
+        """Whether the keys are views of this layer's buffers (the next step then copies nothing)."""
+        return self._own_buffers() is not None
+
+    def stack_in(self, parts: list[Any], width: int) -> None:
+        """The rows of ``parts`` (cache layers: this one, joiners') become this layer's rows, right-
+        aligned at ``width`` columns, in new buffers with spare columns."""
+        columns = width + self.SPARE
+        self.adopt(stacked([part.keys for part in parts], columns, width),
+                   stacked([part.values for part in parts], columns, width), width)
+
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
         """Take ``keys``/``values`` [B, H, C, D] as the buffers, their first ``used`` columns in use."""
         self._buffers = (keys, values)
@@ -99,8 +113,3 @@ def cacheable(config: Any) -> bool:
     """Whether every layer's cache is a plain full-attention one (a sliding window keeps no prefix)."""
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
-
-def adopt_stacked(layer: SlabLayer, parts: list[Any], width: int) -> None:
-    columns = width + SlabLayer.SPARE
-    layer.adopt(stacked([part.keys for part in parts], columns, width),
-                stacked([part.values for part in parts], columns, width), width)
