@@ -8,11 +8,14 @@ import copy
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 from protocol.settings import FarmSettings
 from tests.helpers import PROMPTS, stock_model
+from worker import prepack
 from worker.model import load_adapter, load_model
-from worker.prepack import PACKED_MAX_ROWS, PACKED_MIN_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket
+from worker.prepack import (PACKED_MAX_ROWS, PACKED_MIN_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket,
+                            siblings_of)
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -28,6 +31,11 @@ def test_every_base_linear_is_packed_and_greedy_tokens_equal_stock(tiny_model: P
     stock_linears = [m for m in stock.modules() if type(m) is torch.nn.Linear]
     assert loaded.packed_layers == len(stock_linears) > 0
     assert all(is_packed(m) for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
+    # Each layer's q/k/v and gate/up projections share one packed weight.
+    for layer in loaded.model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert siblings_of(attn.q_proj) == [attn.q_proj, attn.k_proj, attn.v_proj]
+        assert siblings_of(mlp.up_proj) == [mlp.gate_proj, mlp.up_proj] and siblings_of(attn.o_proj) == []
     for prompt in PROMPTS[:4]:
         ids = loaded.tokenizer(prompt, return_tensors="pt")
         torch.testing.assert_close(_logits(loaded.model, ids), _logits(stock, ids), **CLOSE)
@@ -42,6 +50,7 @@ def test_lora_adapters_alone_mixed_and_loaded_at_run_time_match_stock_peft(tiny_
     loaded = load_model(FarmSettings(model=str(tiny_model), adapter=str(adapters["default"]), adapters=""), "cpu")
     lora_layers = [m for m in loaded.model.modules() if hasattr(m, "lora_A")]
     assert lora_layers and all(is_packed(m.base_layer) for m in lora_layers)
+    assert all(siblings_of(m.base_layer) for m in lora_layers)  # LoRA on q and v: the base layers stay grouped
     # LoRA's own small matrices are added after packing and stay stock.
     assert not any(is_packed(a) for m in lora_layers for a in m.lora_A.values())
     load_adapter(loaded, "second", str(adapters["second"]))  # into the running, packed model
@@ -131,3 +140,77 @@ def test_row_counts_are_bucketed_to_few_kernel_shapes() -> None:
     buckets = [row_bucket(rows) for rows in range(1, PACKED_MAX_ROWS + 1)]
     assert buckets[:17] == [*range(1, 17), 24] and buckets[-1] == PACKED_MAX_ROWS
     assert all(b >= r for r, b in enumerate(buckets, start=1)) and len(set(buckets)) == 22
+
+
+class _Attention(torch.nn.Module):
+    """Three projections of one input, as transformers' attention modules call them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 4)
+        self.v_proj = torch.nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+
+
+def _stock_projections(attn: _Attention, x: torch.Tensor) -> list[torch.Tensor]:
+    return [_stock_linear(layer, x) for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+
+
+def test_sibling_projections_share_one_packed_weight_and_equal_stock(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    attn = _Attention()
+    assert prepack_linears(attn) == 3 and siblings_of(attn.k_proj) == [attn.q_proj, attn.k_proj, attn.v_proj]
+    x, other = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    with torch.inference_mode():
+        for got, want in zip(attn(x), _stock_projections(attn, x), strict=True):
+            torch.testing.assert_close(got, want)
+        # One call computes all three: a shared packed copy of 2W shows that k and v use its result.
+        q_weight = attn.q_proj.weight
+        joint = torch.cat([q_weight, attn.k_proj.weight, attn.v_proj.weight])
+        group = attn.q_proj.__dict__["_siblings"]
+        group.packed = torch.ops.mkldnn._reorder_linear_weight(joint * 2, None)
+        q, k, v = attn(x)
+        torch.testing.assert_close(k, x @ (2 * attn.k_proj.weight).T + attn.k_proj.bias)
+        torch.testing.assert_close(v, x @ (2 * attn.v_proj.weight).T)
+        group.packed = torch.ops.mkldnn._reorder_linear_weight(joint, None)
+        calls = []
+        real = prepack._packed_linear
+        monkeypatch.setattr(prepack, "_packed_linear", lambda *a: calls.append(a[0]) or real(*a))
+        attn(x)
+        assert len(calls) == 1  # one oneDNN call for the three projections
+        # A member called on another input than the first computes anew; out of order is fine too.
+        torch.testing.assert_close(attn.v_proj(other), _stock_linear(attn.v_proj, other))
+        torch.testing.assert_close(attn.k_proj(x), _stock_linear(attn.k_proj, x))
+        torch.testing.assert_close(attn.q_proj(x), _stock_linear(attn.q_proj, x))
+        # Writing one output in place (peft adds a mixed batch's LoRA rows so) leaves the others.
+        q = attn.q_proj(x)
+        q += 100
+        torch.testing.assert_close(attn.k_proj(x), _stock_linear(attn.k_proj, x))
+        torch.testing.assert_close(attn.v_proj(x), _stock_linear(attn.v_proj, x))
+    with torch.no_grad():  # an input written between two members' calls: the second sees the write
+        y = torch.randn(2, 4, 8)
+        attn.q_proj(y)
+        y.mul_(3)
+        torch.testing.assert_close(attn.k_proj(y), _stock_linear(attn.k_proj, y))
+    clone = copy.deepcopy(attn)
+    assert siblings_of(clone.q_proj) == [] and not is_packed(clone.q_proj)
+    for got, want in zip(clone(x), _stock_projections(clone, x), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_sibling_whose_weight_changes_runs_stock_and_the_others_pack_alone() -> None:
+    torch.manual_seed(0)
+    attn = _Attention()
+    prepack_linears(attn)
+    x = torch.randn(1, 6, 8)
+    with torch.no_grad():
+        attn.k_proj.weight.copy_(torch.randn(4, 8))  # e.g. load_state_dict into one of them
+        for got, want in zip(attn(x), _stock_projections(attn, x), strict=True):
+            torch.testing.assert_close(got, want)
+        assert siblings_of(attn.q_proj) == [] and is_packed(attn.q_proj) and is_packed(attn.v_proj)
+        assert not is_packed(attn.k_proj)
+        assert prepack_linears(attn) == 3 and len(siblings_of(attn.v_proj)) == 3  # repacked together
+        for got, want in zip(attn(x), _stock_projections(attn, x), strict=True):
+            torch.testing.assert_close(got, want)
