@@ -17,6 +17,7 @@ although a step reads only a few of its rows: the same convention as issue 17's 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ class Machine:
     copy_gb_s: float
     matmul_gflop_s: float
     threads: int
+    cpu: str = ""
+    """The CPU's model name: which of MKL and oneDNN runs a few rows faster depends on it."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,20 @@ def _measure(threads: int, repeats: int) -> Machine:
     import torch
 
     torch.set_num_threads(threads)
-    return Machine(round(_copy_gb_s(repeats), 2), round(_matmul_gflop_s(repeats), 1), threads)
+    return Machine(round(_copy_gb_s(repeats), 2), round(_matmul_gflop_s(repeats), 1), threads, cpu_name())
+
+
+def cpu_name() -> str:
+    """The CPU's vendor and model name (Linux ``/proc/cpuinfo``), or ``platform.processor()``."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return " ".join(v for v in (fields.get("vendor_id", ""), fields.get("model name", "")) if v) or platform.processor()
 
 
 def _copy_gb_s(repeats: int) -> float:

@@ -153,8 +153,9 @@ def _level(rows: list[dict[str, Any]], xs: tuple[Any, ...], tps: tuple[Any, ...]
 def bounds_text(record: dict[str, Any]) -> str:
     """The machine's measurements and the model's bounds, in one paragraph."""
     m, b = record["machine"], record["bounds"]
+    cpu = f" of {m['cpu']}" if m.get("cpu") else ""
     return (f"Machine: copy {m['copy_gb_s']} GB/s, fp32 2048x2048 matmul {m['matmul_gflop_s']} GFLOP/s on "
-            f"{m['threads']} thread(s). {record['label']}: {b['params'] / 1e6:.1f}M parameters, "
+            f"{m['threads']} thread(s){cpu}. {record['label']}: {b['params'] / 1e6:.1f}M parameters, "
             f"{b['weight_bytes'] / 1e6:.0f} MB of weights; bandwidth-bound {b['batch1_tok_s']:.1f} tok/s at batch 1, "
             f"{b['batch16_tok_s']:.0f} at batch 16; compute-bound {b['compute_tok_s']:.0f} tok/s.")
 

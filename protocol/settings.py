@@ -20,6 +20,9 @@ QUANT_CHOICES = ("none", "int8", "nf4")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "auto")
 TEMPLATE_CHOICES = ("none", "alpaca", "chat")
 STRATEGY_CHOICES = ("dynamic", "continuous")
+PACKED_MIN_ROWS_LIMIT = 64
+"""Largest ``FARM_PACKED_MIN_ROWS``: packed layers serve inputs of at most 64 rows
+(``worker.prepack.PACKED_MAX_ROWS``)."""
 BASE_ADAPTER = "base"
 """Adapter name that asks for the base model without any LoRA adapter."""
 DEFAULT_ADAPTER = "default"
@@ -103,6 +106,10 @@ class FarmSettings:
     """1: on the CPU, float32 ``nn.Linear`` weights are also packed once for oneDNN, which runs the
     few rows of a decode step ~2x faster than stock matmul (README "Performance"); costs a second
     copy of those weights in RAM. 0: stock torch matmul only."""
+    packed_min_rows: int = 0
+    """With ``cpu_prepack``: inputs of fewer rows (a lone user's decode step has one) take stock
+    matmul. 0 measures it when the model loads (2-3 s for a 135M model): whether MKL or the packed
+    oneDNN kernel runs 1-3 rows faster depends on the CPU."""
     max_prompt_chars: int = 16000
     """Longest prompt (or chat, all messages) in characters, checked before enqueueing."""
     max_prompt_tokens: int = 2048
@@ -202,6 +209,8 @@ class FarmSettings:
                      "file_max_bytes", "file_ttl", "batch_window_seconds"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"FARM_{name.upper()} must be at least 1")
+        if not 0 <= self.packed_min_rows <= PACKED_MIN_ROWS_LIMIT:
+            raise SettingsError(f"FARM_PACKED_MIN_ROWS must be 0 (measure) to {PACKED_MIN_ROWS_LIMIT}")
         self.adapter_paths()
         for setting, name in (("FARM_MODEL_NAME", self.model_name), ("FARM_DEFAULT_MODEL", self.default_model)):
             if name:

@@ -14,8 +14,9 @@ from protocol.settings import FarmSettings
 from tests.helpers import PROMPTS, stock_model
 from worker import prepack
 from worker.model import load_adapter, load_model
-from worker.prepack import (PACKED_MAX_ROWS, PACKED_MIN_ROWS, PackedLinear, is_packed, prepack_linears, row_bucket,
-                            siblings_of)
+from protocol.errors import SettingsError
+from worker.prepack import (PACKED_MAX_ROWS, PACKED_MIN_ROWS, PackedLinear, choose_min_rows, is_packed, prepack_linears,
+                            row_bucket, set_min_rows, siblings_of)
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -71,6 +72,26 @@ def test_lora_adapters_alone_mixed_and_loaded_at_run_time_match_stock_peft(tiny_
     torch.testing.assert_close(mixed[2], without[2], **CLOSE)
 
 
+def test_the_row_threshold_is_measured_at_load_or_set(tiny_model: Path) -> None:
+    def thresholds(**settings: int) -> set[int]:
+        loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters="", **settings), "cpu")
+        return {m._min_rows for m in loaded.model.modules() if isinstance(m, PackedLinear)}
+
+    measured = thresholds()  # one value for the whole model, of the row counts timed or the default
+    assert len(measured) == 1 and measured <= {1, 2, 3, PACKED_MIN_ROWS}
+    assert thresholds(packed_min_rows=1) == {1} and thresholds(packed_min_rows=9) == {9}
+    with pytest.raises(SettingsError, match="FARM_PACKED_MIN_ROWS must be 0 .* to 64"):
+        FarmSettings(packed_min_rows=65)
+
+
+def test_choose_min_rows_takes_the_packed_kernel_from_where_it_stays_faster() -> None:
+    # rows -> (stock, packed) seconds of a forward pass
+    assert choose_min_rows({1: (2.0, 1.0), 2: (2.0, 1.5), 3: (2.0, 1.9)}) == 1  # faster everywhere
+    assert choose_min_rows({1: (1.0, 2.0), 2: (1.0, 2.0), 3: (1.0, 2.0)}) == PACKED_MIN_ROWS  # slower
+    assert choose_min_rows({1: (1.0, 1.2), 2: (2.0, 1.5), 3: (2.0, 1.9)}) == 2
+    assert choose_min_rows({1: (2.0, 1.0), 2: (1.0, 2.0), 3: (2.0, 1.0)}) == 3  # not faster at 2 rows
+
+
 def test_prepack_off_leaves_stock_layers(tiny_model: Path) -> None:
     loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters="", cpu_prepack=0), "cpu")
     assert loaded.packed_layers == 0
@@ -108,6 +129,9 @@ def test_packed_weight_serves_small_inference_inputs_only() -> None:
         torch.testing.assert_close(layer(small), small @ (2 * layer.weight).T + layer.bias)
         assert torch.equal(layer(tall), _stock_linear(layer, tall))  # a long prefill: stock matmul
         assert torch.equal(layer(few), _stock_linear(layer, few))  # a lone user's step: stock matmul
+        set_min_rows(layer, 1)  # a CPU where the packed kernel wins from one row on
+        torch.testing.assert_close(layer(few), few @ (2 * layer.weight).T + layer.bias)
+        set_min_rows(layer, PACKED_MIN_ROWS)
     # With autograd on, the stock weights run and gradients reach the parameters.
     assert torch.equal(layer(small), _stock_linear(layer, small))
     layer(small).sum().backward()

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from protocol.settings import BASE_ADAPTER, FarmSettings
-from worker.prepack import prepack_linears
+from worker.prepack import calibrate_min_rows, prepack_linears, set_min_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
     model.eval()
     # Before peft wraps the layers: only base weights are packed, LoRA's small ones stay stock.
     packed = prepack_linears(model) if settings.cpu_prepack else 0  # CPU float32 layers only
+    if packed:
+        _packed_min_rows(model, settings.packed_min_rows)
     adapters = settings.adapter_paths()
     if adapters:
         model = _attach_adapters(model, adapters)
@@ -66,6 +68,17 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
     log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d) on %s", settings.model,
              settings.quant, list(adapters) or "none", packed, target)
     return LoadedModel(model, tokenizer, target, settings.model, settings.quant, list(adapters), default, packed)
+
+
+def _packed_min_rows(model: Any, rows: int) -> None:
+    if rows:
+        set_min_rows(model, rows)
+        return
+
+    def forward(n: int) -> None:
+        model(input_ids=torch.zeros(1, n, dtype=torch.long, device=model.device), use_cache=False)
+
+    calibrate_min_rows(model, forward)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -47,11 +47,16 @@ padded to a few row counts (``row_bucket``) and longer ones, which gain less (1.
 matmul: at most 22 kernels per weight shape."""
 
 PACKED_MIN_ROWS = 4
-"""Inputs of fewer rows take stock matmul: MKL's kernel for 1-3 rows beat the packed one on every
+"""Inputs of fewer rows take stock matmul unless a measurement says otherwise (``FARM_PACKED_MIN_ROWS``,
+``calibrate_min_rows``). On an Intel host MKL's kernel for 1-3 rows beat the packed one on every
 model of the bench sweep (a whole decode step, 2 threads, 2026-12-02: 1 row 17.8 against 21.7 ms
 on the bench model, 20.5 against 24.3 on llama32k, 31.1 against 38.3 on the demo model; 3 rows
 20.4/26.4, 23.6/28.9, 34.6/43.0), and lost from 4 rows on (4 rows 29.4/26.1, 34.3/29.6,
-48.5/45.4; 16 rows 45.4/40.2 on the bench model)."""
+48.5/45.4; 16 rows 45.4/40.2 on the bench model). On an AMD EPYC host (2026-12-04) MKL lost at
+every row count: one row through the demo model's 49,152 x 576 output layer 11.3 against 4.7 ms."""
+
+CALIBRATION_ROUNDS = 3
+"""Forward passes per row count and kernel in ``calibrate_min_rows`` (the fastest of each counts)."""
 
 EXACT_ROWS = 16
 """Row counts up to this run as they are (every decode step of the default ``FARM_MAX_BATCH_SIZE``:
@@ -93,6 +98,48 @@ def prepack_linears(model: torch.nn.Module) -> int:
     groups = sum(_Siblings.join(members) for members in _sibling_groups(model))
     log.debug("%d packed layers, %d sibling groups", packed, groups)
     return packed
+
+
+def set_min_rows(model: torch.nn.Module, rows: int) -> None:
+    """Inputs of fewer than ``rows`` rows take stock matmul in every packed layer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module._min_rows = rows
+
+
+def choose_min_rows(times: dict[int, tuple[float, float]]) -> int:
+    """Row count -> (stock, packed) time of a forward pass: the fewest rows from which the packed
+    weights are at least as fast at every measured row count (``PACKED_MIN_ROWS`` past them all)."""
+    chosen = PACKED_MIN_ROWS
+    for rows in sorted(times, reverse=True):
+        stock, packed = times[rows]
+        if packed > stock:
+            break
+        chosen = min(chosen, rows)
+    return chosen
+
+
+def calibrate_min_rows(model: torch.nn.Module, forward: Any, rows: tuple[int, ...] = (1, 2, 3)) -> int:
+    """Time ``forward(n)`` (a pass of ``n`` rows) with stock and packed weights for each of ``rows``,
+    interleaved, and set the packed layers' row threshold from the fastest of each
+    (``choose_min_rows``); returns it. Whether MKL or oneDNN runs a few rows faster depends on the
+    CPU (see ``PACKED_MIN_ROWS``)."""
+    import time
+
+    best: dict[int, list[float]] = {n: [float("inf"), float("inf")] for n in rows}
+    with torch.inference_mode():
+        for _ in range(CALIBRATION_ROUNDS):
+            for n in rows:
+                for kernel, threshold in ((0, n + 1), (1, n)):
+                    set_min_rows(model, threshold)
+                    started = time.perf_counter()
+                    forward(n)
+                    best[n][kernel] = min(best[n][kernel], time.perf_counter() - started)
+    chosen = choose_min_rows({n: (stock, packed) for n, (stock, packed) in best.items()})
+    set_min_rows(model, chosen)
+    log.info("packed weights from %d rows (fastest forward pass, stock/packed ms: %s)", chosen,
+             ", ".join(f"{n} rows {s * 1e3:.1f}/{p * 1e3:.1f}" for n, (s, p) in best.items()))
+    return chosen
 
 
 def is_packed(module: torch.nn.Module) -> bool:
@@ -159,6 +206,8 @@ class PackedLinear(torch.nn.Linear):
     """An ``nn.Linear`` that also holds its weight packed for oneDNN and uses it for inference."""
 
     _packed: torch.Tensor | None
+    _min_rows: int
+    """Inputs of fewer rows take stock matmul (``PACKED_MIN_ROWS``, ``set_min_rows``)."""
     _packed_from: tuple[torch.Tensor, int, int]
     """The weight, its version and data pointer when packed: the packed copy is stale otherwise."""
 
@@ -173,6 +222,7 @@ class PackedLinear(torch.nn.Linear):
                 return False
         module.__dict__.pop("_siblings", None)
         module.__class__ = cls
+        module._min_rows = module.__dict__.get("_min_rows", PACKED_MIN_ROWS)
         module._packed = packed
         module._packed_from = (weight, weight._version, weight.data_ptr())
         return True
@@ -186,7 +236,7 @@ class PackedLinear(torch.nn.Linear):
         # with more Python here was 4% of a decode step).
         packed, weight = self.__dict__.get("_packed"), self._parameters["weight"]
         rows = x.numel() // x.shape[-1]
-        if (packed is None or not PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
+        if (packed is None or not self._min_rows <= rows <= PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not torch._C._get_mkldnn_enabled()
                 or weight is not self._packed_from[0] or weight._version != self._packed_from[1]
                 or weight.data_ptr() != self._packed_from[2]):
