@@ -48,7 +48,7 @@ matmul: at most 22 kernels per weight shape."""
 
 PACKED_MIN_ROWS = 4
 """Inputs of fewer rows take stock matmul unless a measurement says otherwise (``FARM_PACKED_MIN_ROWS``,
-``calibrate_min_rows``). On an Intel host MKL's kernel for 1-3 rows beat the packed one on every
+``calibrate_min_rows``). On the host of 12-02 (CPU not recorded) MKL's kernel for 1-3 rows beat the packed one on every
 model of the bench sweep (a whole decode step, 2 threads, 2026-12-02: 1 row 17.8 against 21.7 ms
 on the bench model, 20.5 against 24.3 on llama32k, 31.1 against 38.3 on the demo model; 3 rows
 20.4/26.4, 23.6/28.9, 34.6/43.0), and lost from 4 rows on (4 rows 29.4/26.1, 34.3/29.6,
