@@ -17,8 +17,8 @@ although a step reads only a few of its rows: the same convention as issue 17's 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 COPY_BYTES = 256 * 2**20

@@ -21,8 +21,8 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16", "auto")
 TEMPLATE_CHOICES = ("none", "alpaca", "chat")
 STRATEGY_CHOICES = ("dynamic", "continuous")
 PACKED_MIN_ROWS_LIMIT = 64
-"""Largest ``FARM_PACKED_MIN_ROWS``: packed layers serve inputs of at most 64 rows
-(``worker.prepack.PACKED_MAX_ROWS``)."""
+"""Largest ``FARM_PACKED_MIN_ROWS``, and the most rows a packed layer serves
+(``worker.prepack.PACKED_MAX_ROWS`` is this value)."""
 BASE_ADAPTER = "base"
 """Adapter name that asks for the base model without any LoRA adapter."""
 DEFAULT_ADAPTER = "default"

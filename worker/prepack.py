@@ -32,14 +32,17 @@ the first call computes all their outputs in one oneDNN call, the others take th
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from typing import Any
 
 import torch
+from protocol.settings import PACKED_MIN_ROWS_LIMIT
 
 log = logging.getLogger(__name__)
 
-PACKED_MAX_ROWS = 64
+PACKED_MAX_ROWS = PACKED_MIN_ROWS_LIMIT  # 64, also the bound of FARM_PACKED_MIN_ROWS
 """Inputs of at most this many rows (tokens) use the packed weight: decode steps, small prefills.
 oneDNN compiles a kernel (~0.6 MB here) per input shape and keeps it in two LRU caches of 1024
 entries each: prompts of every length filled them to 1.6 GB in a test loop. Inputs are therefore
@@ -124,8 +127,6 @@ def calibrate_min_rows(model: torch.nn.Module, forward: Any, rows: tuple[int, ..
     interleaved, and set the packed layers' row threshold from the fastest of each
     (``choose_min_rows``); returns it. Whether MKL or oneDNN runs a few rows faster depends on the
     CPU (see ``PACKED_MIN_ROWS``)."""
-    import time
-
     best: dict[int, list[float]] = {n: [float("inf"), float("inf")] for n in rows}
     with torch.inference_mode():
         for _ in range(CALIBRATION_ROUNDS):
@@ -157,12 +158,12 @@ def _sibling_groups(model: torch.nn.Module) -> list[list[PackedLinear]]:
     for module in model.modules():
         for names in SIBLINGS:
             members = [_base_layer(getattr(module, name, None)) for name in names]
-            if all(isinstance(m, PackedLinear) and is_packed(m) for m in members):
-                groups.append([m for m in members if isinstance(m, PackedLinear)])
+            if all(isinstance(m, torch.nn.Module) and is_packed(m) for m in members):
+                groups.append(members)
     return groups
 
 
-def _base_layer(module: object) -> object:
+def _base_layer(module: Any) -> Any:
     # peft's LoRA layers wrap the base linear (``base_layer``) and call it first on the same input.
     while isinstance(module, torch.nn.Module) and isinstance(getattr(module, "base_layer", None), torch.nn.Module):
         module = module.base_layer
@@ -238,8 +239,7 @@ class PackedLinear(torch.nn.Linear):
         rows = x.numel() // x.shape[-1]
         if (packed is None or not self._min_rows <= rows <= PACKED_MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not torch._C._get_mkldnn_enabled()
-                or weight is not self._packed_from[0] or weight._version != self._packed_from[1]
-                or weight.data_ptr() != self._packed_from[2]):
+                or not self._fresh()):
             # Training, autocast, a cast input, oneDNN switched off (torch.backends.mkldnn.flags),
             # a long prefill or a lone row, or a weight replaced or written since packing: stock matmul.
             return torch.nn.functional.linear(x, weight, self.bias)
@@ -273,10 +273,8 @@ class _Siblings:
     def __init__(self, members: list[PackedLinear], packed: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.members = members
         self.packed, self.bias = packed, bias
-        bounds = [0]
-        for member in members:
-            bounds.append(bounds[-1] + member.out_features)
-        self.columns = {id(m): (start, stop) for m, start, stop in zip(members, bounds, bounds[1:], strict=False)}
+        bounds = [0, *itertools.accumulate(m.out_features for m in members)]
+        self.columns = {id(m): (start, stop) for m, start, stop in zip(members, bounds[:-1], bounds[1:], strict=True)}
         self._input: torch.Tensor | None = None
         self._version = 0
         self._out: torch.Tensor | None = None
@@ -290,8 +288,7 @@ class _Siblings:
             return False
         with torch.inference_mode():
             weight = torch.cat([m.weight for m in members])
-            biases = [m.bias for m in members]
-            bias = None if all(b is None for b in biases) else torch.cat(
+            bias = None if all(m.bias is None for m in members) else torch.cat(
                 [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members])
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
@@ -307,7 +304,7 @@ class _Siblings:
 
     def take(self, member: PackedLinear, x: torch.Tensor, rows: int) -> torch.Tensor:
         key = id(member)
-        if x is self._input and key in self._waiting and _version(x) == self._version and self._out is not None:
+        if x is self._input and key in self._waiting and _version(x) == self._version:
             out = self._out
             self._waiting.discard(key)
             if not self._waiting:
