@@ -13,7 +13,7 @@ import torch
 
 from protocol.schema import GenerationRequest
 from tests.helpers import PROMPTS, Quiet, tiny_runner
-from worker.engine.packed_prefill import Costs, cheaper, pack
+from worker.engine.packed_prefill import Costs, assign, pack, plan_bins, unpack
 from worker.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 
 
@@ -46,13 +46,33 @@ def test_a_cached_block_shared_by_two_rows_is_held_once() -> None:
     assert packed.row_mask.sum(-1).tolist() == [len(p) for p in prompts]
 
 
-def test_packing_is_chosen_when_it_takes_fewer_flops() -> None:
+def test_bins_split_prompts_and_padding_sees_only_itself() -> None:
+    assert assign([3, 2, 1], 2) == [0, 1, 1]  # longest first, each into the lightest bin
+    packed = pack([[5, 6, 7], [8, 9], [4]], [[], [], []], "cpu", bins=2)
+    assert packed.ids.tolist() == [[5, 6, 7], [8, 9, 4]] and packed.positions.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert packed.bins.tolist() == [0, 1, 1] and packed.last.tolist() == [2, 4, 5]  # flattened [bin, column]
+    assert packed.mask[1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert packed.gather.tolist() == [[0, 1, 2], [0, 0, 1], [0, 0, 2]]
+    padded = pack([[5, 6, 7], [8]], [[], []], "cpu", bins=2)
+    assert padded.ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert padded.mask[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding sees itself, no NaN
+    keys = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1)  # [G, H, T, D]: bin 1 holds 3, 4, 5
+    rows, _ = unpack(packed, keys, keys)
+    assert rows[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 3, 4], [3, 3, 5]]  # right-aligned, padding masked
+
+
+def test_the_layout_of_fewest_flops_is_chosen() -> None:
     costs = Costs(token=2e8, pair=4e4)
-    assert cheaper(costs, [12, 50, 18, 45, 11], [0] * 5, 0)  # short prompts of unequal lengths
-    assert not cheaper(costs, [40, 40, 40], [0] * 3, 0)  # equal lengths: nothing to save
-    assert not cheaper(Costs(token=1.0, pair=1.0), [400, 300, 350], [0] * 3, 0)  # attention-bound: dense mask loses
+    assert plan_bins(costs, [12, 50, 18, 45, 11], [0] * 5, 0) >= 1  # short prompts of unequal lengths
+    assert plan_bins(costs, [40, 40, 40], [0] * 3, 0) == 0  # equal lengths: nothing to save
+    assert plan_bins(Costs(token=1.0, pair=1.0), [400, 300, 350], [0] * 3, 0) == 0  # attention-bound: padded
     # rows after a shared cached prefix: held once, so still cheaper packed
-    assert cheaper(costs, [5, 30, 12], [512] * 3, 512)
+    assert plan_bins(costs, [5, 30, 12], [512] * 3, 512) >= 1
+    # many prompts: one bin pays attention over every masked pair, a few bins do not (the bench's
+    # 64 prompts: 3.3 s in one bin, 2.3 s in 8)
+    many = [8, 20, 35, 72, 14, 50, 28, 44] * 8
+    bins = plan_bins(Costs(token=2e8, pair=3.7e4), many, [0] * 64, 0)
+    assert 2 <= bins < 64
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +117,13 @@ def _run(runner: Any, prompts: list[str], adapters: list[str], waves: list[int],
 
 @pytest.mark.integration
 def test_joiners_prefilled_packed_generate_what_plain_generate_does(runner: Any) -> None:
-    prompts = PROMPTS[:7]
-    rows, batch = _run(runner, prompts, ["default"] * 7, [4, 3])
+    prompts = PROMPTS
+    rows, batch = _run(runner, prompts, ["default"] * 8, [6, 2])
     assert batch.packed_prefills == 2  # both waves, the second while the first ran
+    assert batch.packed_bins > 1  # the tiny model's attention is dear: its prompts go in several bins
     for row in rows:
         assert row.state.tokens == _plain_generate(runner, row.input_ids, row.request.max_new_tokens, "default")
-    padded, off = _run(runner, prompts, ["default"] * 7, [4, 3], packed=False)
+    padded, off = _run(runner, prompts, ["default"] * 8, [6, 2], packed=False)
     assert off.packed_prefills == 0 and [r.state.tokens for r in padded] == [r.state.tokens for r in rows]
 
 

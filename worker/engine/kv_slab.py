@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from worker.engine.model_runner import ModelRunner
-from worker.engine.packed_prefill import Costs, cheaper, pack, unpack
+from worker.engine.packed_prefill import Costs, last_rows, pack, plan_bins, unpack
 from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, PrefixCache, block_keys, reusable_blocks
 from worker.engine.runner import BatchRow, StepObserver, advance_rows
 from worker.engine.sampling import RowSampler
@@ -85,6 +85,8 @@ class ContinuousBatch:
         self.costs = Costs.of(runner.loaded.model, self.config) if packs else None
         """Set when joiners may be prefilled packed (``packed_prefill.py``)."""
         self.packed_prefills = 0
+        self.packed_bins = 0
+        """The most bins a packed prefill has used."""
         self.block: _Block | None = None
 
     @property
@@ -123,8 +125,9 @@ class ContinuousBatch:
         if self.filling is not None:
             raise RuntimeError("rows joined during a chunked prefill")  # the strategy waits for it
         cached = [self._cached_blocks(row) for row in rows]
-        if self._packs(rows, cached, chunk_tokens):
-            self._fill_packed(rows, cached, observer)
+        bins = self._bins(rows, cached, chunk_tokens)
+        if bins:
+            self._fill_packed(rows, cached, observer, bins)
             return
         blocks = [[block for _, block in row_blocks] for row_blocks in cached]
         filling = _Filling(rows, *self._prefill_inputs(rows, blocks), [len(b) for b in blocks], chunk_tokens)
@@ -161,29 +164,30 @@ class ContinuousBatch:
         tokens = self._advance(rows, logits, observer)
         self.block = _merge(self.block, _Block(rows, cache, mask, tokens))
 
-    def _packs(self, rows: list[BatchRow], cached: list[list[tuple[bytes, BlockKV]]], chunk_tokens: int) -> bool:
-        """Whether ``rows`` are prefilled packed: several rows of one adapter (peft routes mixed
-        adapters per batch row), not to be chunked, and fewer FLOPs packed than padded."""
+    def _bins(self, rows: list[BatchRow], cached: list[list[tuple[bytes, BlockKV]]], chunk_tokens: int) -> int:
+        """In how many packed sequences ``rows`` are prefilled (0: left-padded): several rows of
+        one adapter (peft routes mixed adapters per batch row), not to be chunked, in the layout
+        of fewest FLOPs."""
         if self.costs is None or len(rows) < 2 or len({row.adapter for row in rows}) > 1:
-            return False
+            return 0
         past = [len(blocks) * BLOCK_TOKENS for blocks in cached]
         new = [len(row.input_ids) - n for row, n in zip(rows, past, strict=True)]
         if self.block is not None and 0 < chunk_tokens < sum(new):
-            return False  # rows run: the padded prefill goes in chunks between their steps
+            return 0  # rows run: the padded prefill goes in chunks between their steps
         distinct = {key for row_blocks in cached for key, _ in row_blocks}
-        return cheaper(self.costs, new, past, len(distinct) * BLOCK_TOKENS)
+        return plan_bins(self.costs, new, past, len(distinct) * BLOCK_TOKENS)
 
     def _fill_packed(self, rows: list[BatchRow], cached: list[list[tuple[bytes, BlockKV]]],
-                     observer: StepObserver) -> None:
-        """Prefill ``rows`` packed in one sequence, stream their first token, add them to the batch."""
-        packed = pack([row.input_ids for row in rows], cached, self.runner.loaded.device)
+                     observer: StepObserver, bins: int) -> None:
+        """Prefill ``rows`` packed in ``bins`` sequences, stream their first token, add them to the batch."""
+        packed = pack([row.input_ids for row in rows], cached, self.runner.loaded.device, bins)
         cache = slab_cache(self.config)
         for layer, past in zip(cache.layers, packed.past or [], strict=False):
             layer.update(*past)
         logits, cache = self._forward(rows, packed.ids, packed.mask, packed.positions, cache, packed.last)
         for layer in _layers(cache):
             layer.keys, layer.values = unpack(packed, layer.keys, layer.values)
-        self.packed_prefills += 1
+        self.packed_prefills, self.packed_bins = self.packed_prefills + 1, max(self.packed_bins, bins)
         self._joined(rows, [len(row_blocks) for row_blocks in cached], cache, packed.row_mask, logits, observer)
 
     def _prefill_inputs(self, rows: list[BatchRow], cached: list[list[BlockKV]]) -> tuple[Any, ...]:
@@ -289,13 +293,18 @@ class ContinuousBatch:
 
     def _forward(self, rows: list[BatchRow], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, last: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """The rows' next-token logits [B, V]: at each row's last column, or at the columns ``last``
-        of a packed single-row input."""
+        """The rows' next-token logits [B, V]: at each row's last column, or at the places ``last``
+        of a packed input flattened (only those go through the output layer)."""
         model = self.runner.loaded.model
         cache = cache if cache is not None else slab_cache(self.config)
-        with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1 if last is None else last, **adapter_kwargs)
+        hook = None if last is None else last_rows(model.get_output_embeddings(), last)
+        try:
+            with torch.inference_mode(), self.runner.adapters(rows) as adapter_kwargs:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1 if last is None else 0, **adapter_kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
         logits = out.logits[:, -1, :] if last is None else out.logits[0]
         # generate's own cast: scores in float32, copied out of the model's buffer.
         return logits.to(copy=True, dtype=torch.float32), out.cache
