@@ -163,9 +163,11 @@ def bounds_text(record: dict[str, Any]) -> str:
 def step_text(step: dict[str, Any] | None) -> str:
     if not step:
         return ""
-    ops = step["operators"]
+    ops, bounds = step["operators"], step["bounds"]
+    lower = " (the lower bound here: no step goes faster)" if bounds["compute_tok_s"] < bounds["batch16_tok_s"] else ""
     return (f"Decode step of {step['rows']} rows (engine code): {step['step_ms']} ms, {step['tokens_per_s']} tok/s "
-            f"= {step['of_batch16_bw']:.0%} of the batch-16 bandwidth bound; self CPU time: matmul "
+            f"= {step['of_batch16_bw']:.0%} of the batch-16 bandwidth bound and {step['of_compute']:.0%} of the "
+            f"compute bound{lower}; self CPU time: matmul "
             f"{ops['matmul']:.0%}, attention {ops['attention']:.0%}, other {ops['other']:.0%} "
             f"(top operators: {step['profile_file']}).")
 

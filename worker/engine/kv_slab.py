@@ -81,7 +81,8 @@ class ContinuousBatch:
         self.prefix = prefix if prefix is not None and cacheable(self.config) else None
         if prefix is not None and self.prefix is None:
             log.info("prefix cache off: the model has sliding-window layers")
-        packs = packed_prefill and cacheable(self.config) and self.config._attn_implementation == "sdpa"
+        packs = (packed_prefill and cacheable(self.config) and self.config._attn_implementation == "sdpa"
+                 and runner.loaded.model.get_output_embeddings() is not None)
         self.costs = Costs.of(runner.loaded.model, self.config) if packs else None
         """Set when joiners may be prefilled packed (``packed_prefill.py``)."""
         self.packed_prefills = 0
