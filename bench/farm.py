@@ -52,6 +52,10 @@ class FarmUnderTest:
 
         self.client = FarmClient(self.url)
 
+    def ready(self) -> bool:
+        """Whether the worker runs and its heartbeat is there (again, after a pause)."""
+        return self._ready()
+
     def _ready(self) -> bool:
         if self.worker.poll() is not None:
             raise RuntimeError(f"worker exited: {self.log_path.read_text(errors='replace')[-800:]}")

@@ -238,9 +238,12 @@ def take_turns(servers: dict[str, Serve], jobs: list[Job]) -> list[Run]:
 
 def _start(stack: contextlib.ExitStack, plan: Plan, model: str, local: LocalModel, logdir: Path,
            prefix_tokens: int) -> dict[str, Serve]:
-    """Start every server once; each mode as ``serve(jobs, concurrency)``."""
+    """Start every server once; each mode as ``serve(jobs, concurrency)``, the other modes'
+    processes stopped while it runs N > 1 clients (``bench.procs.Fleet``)."""
     from bench.local import run_gradio, run_static
+    from bench.procs import Fleet
 
+    fleet = Fleet()
     servers: dict[str, Serve] = {
         "gradio-concurrency": lambda jobs, c: run_gradio(local, jobs, c),
         "static-batch": lambda jobs, c: run_static(local, jobs, c),
@@ -248,25 +251,26 @@ def _start(stack: contextlib.ExitStack, plan: Plan, model: str, local: LocalMode
     clients = max(max(plan.levels), plan.mixed)
     new_tokens = max(plan.new_tokens, plan.long_tokens)
     if "transformers-serve" in plan.modes:
-        servers["transformers-serve"] = _start_serve(stack, model, plan, prefix_tokens, logdir)
+        servers["transformers-serve"] = _start_serve(stack, fleet, model, plan, prefix_tokens, logdir)
     for strategy in ("dynamic", "continuous"):
         if f"farm-{strategy}" in plan.modes:
-            servers[f"farm-{strategy}"] = _start_farm(stack, f"farm-{strategy}", functools.partial(
+            servers[f"farm-{strategy}"] = _start_farm(stack, fleet, f"farm-{strategy}", functools.partial(
                 _farm, model, strategy, plan, clients, new_tokens, logdir, prefix_tokens))
     if prefix_tokens and "farm-continuous" in plan.modes:
-        servers[NO_PREFIX_CACHE] = _start_farm(stack, NO_PREFIX_CACHE, functools.partial(
+        servers[NO_PREFIX_CACHE] = _start_farm(stack, fleet, NO_PREFIX_CACHE, functools.partial(
             _farm, model, "continuous", plan, clients, new_tokens, logdir, prefix_tokens, PREFIX_CACHE_OFF,
             "continuous-no-prefix-cache"))
     if "farm-openai" in plan.modes:
-        servers["farm-openai"] = _start_openai(stack, model, plan, clients, new_tokens, logdir, prefix_tokens)
-    return servers
+        servers["farm-openai"] = _start_openai(stack, fleet, model, plan, clients, new_tokens, logdir, prefix_tokens)
+    return {mode: fleet.serve(mode, serve) for mode, serve in servers.items()}
 
 
 def _unavailable(mode: str, reason: str) -> Serve:
     return lambda jobs, c: Run(mode, c, unavailable=reason)
 
 
-def _start_serve(stack: contextlib.ExitStack, model: str, plan: Plan, prefix_tokens: int, logdir: Path) -> Serve:
+def _start_serve(stack: contextlib.ExitStack, fleet: Any, model: str, plan: Plan, prefix_tokens: int,
+                 logdir: Path) -> Serve:
     from bench.serve import ServeServer, run_serve, unavailable_reason
 
     reason = unavailable_reason()
@@ -278,6 +282,7 @@ def _start_serve(stack: contextlib.ExitStack, model: str, plan: Plan, prefix_tok
     except RuntimeError as error:
         return _unavailable("transformers-serve", str(error))
     stack.callback(server.close)
+    fleet.add("transformers-serve", [server.process])
     return lambda jobs, c: run_serve(server, jobs, c)
 
 
@@ -289,7 +294,7 @@ def _farm(model: str, strategy: str, plan: Plan, clients: int, new_tokens: int, 
                          extra_env, tag)
 
 
-def _start_farm(stack: contextlib.ExitStack, mode: str, start: Callable[[], Any]) -> Serve:
+def _start_farm(stack: contextlib.ExitStack, fleet: Any, mode: str, start: Callable[[], Any]) -> Serve:
     from bench.farm import run_farm
 
     try:
@@ -297,10 +302,11 @@ def _start_farm(stack: contextlib.ExitStack, mode: str, start: Callable[[], Any]
     except RuntimeError as error:
         return _unavailable(mode, str(error))
     stack.callback(farm.close)
+    fleet.add(mode, [farm.worker], farm.ready)
     return lambda jobs, c: run_farm(farm, jobs, c, mode)
 
 
-def _start_openai(stack: contextlib.ExitStack, model: str, plan: Plan, clients: int, new_tokens: int,
+def _start_openai(stack: contextlib.ExitStack, fleet: Any, model: str, plan: Plan, clients: int, new_tokens: int,
                   logdir: Path, prefix_tokens: int) -> Serve:
     from bench.api import FarmOpenAI, run_openai
 
@@ -311,6 +317,7 @@ def _start_openai(stack: contextlib.ExitStack, model: str, plan: Plan, clients: 
     except RuntimeError as error:
         return _unavailable("farm-openai", str(error))
     stack.callback(server.close)
+    fleet.add("farm-openai", [farm.worker, server.api.process], farm.ready)
     return lambda jobs, c: run_openai(server, jobs, c)
 
 

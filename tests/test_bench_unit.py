@@ -240,3 +240,36 @@ def test_issue_15_checks_use_the_api_cost_and_the_openai_throughput() -> None:
     assert [c.status for c in api_checks([row("farm-openai", 16, 110.0), row("transformers-serve", 16, 100.0)],
                                          {**cost, "latency_ms": 10.5})] == ["FAIL", "FAIL"]
     assert [c.status for c in api_checks([], None)] == ["N/A", "N/A"]
+
+
+def _state(pid: int, want: str) -> str:
+    """The process's state letter, once it is ``want`` or after 5 s (signals land asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == want or time.monotonic() > deadline:
+            return state
+        time.sleep(0.02)
+
+
+def test_while_a_mode_runs_clients_the_other_modes_processes_are_stopped() -> None:
+    import subprocess
+
+    from bench.procs import Fleet, stop
+
+    procs = {name: subprocess.Popen(["sleep", "60"]) for name in "ab"}
+    try:
+        fleet = Fleet()
+        for name, process in procs.items():
+            fleet.add(name, [process])
+        seen: list[str] = []
+        serve = fleet.serve("a", lambda jobs, c: seen.append(_state(procs["b"].pid, "T" if c > 1 else "S")))
+        serve([], 16)  # "a" runs 16 clients: "b" is stopped meanwhile
+        serve([], 1)  # one client: the modes take turns, all running
+        assert seen == ["T", "S"]
+        assert _state(procs["b"].pid, "S") == "S" and _state(procs["a"].pid, "S") == "S"  # continued after
+    finally:
+        for process in procs.values():
+            stop(process)
