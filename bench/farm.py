@@ -44,7 +44,7 @@ class FarmUnderTest:
             self.worker = subprocess.Popen([sys.executable, "-m", "worker.main", "--device", "cpu"], env=env,
                                            cwd=project_root(), stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for(self._ready, READY_TIMEOUT_S, "worker did not become ready")
+            wait_for(self.ready, READY_TIMEOUT_S, "worker did not become ready")
         except RuntimeError:
             self.close()
             raise
@@ -53,10 +53,7 @@ class FarmUnderTest:
         self.client = FarmClient(self.url)
 
     def ready(self) -> bool:
-        """Whether the worker runs and its heartbeat is there (again, after a pause)."""
-        return self._ready()
-
-    def _ready(self) -> bool:
+        """Whether the worker runs and its heartbeat is there (at start, and again after a pause)."""
         if self.worker.poll() is not None:
             raise RuntimeError(f"worker exited: {self.log_path.read_text(errors='replace')[-800:]}")
         return bool(redis.Redis.from_url(self.url).exists(heartbeat_key(WORKER_NAME)))

@@ -84,13 +84,13 @@ class Fleet:
     def serve(self, mode: str, serve: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:
         """``serve(jobs, concurrency)``, with the others stopped when concurrency > 1."""
 
-        def alone(jobs: Any, concurrency: int) -> Any:
+        def run(jobs: Any, concurrency: int) -> Any:
             if concurrency <= 1:
                 return serve(jobs, concurrency)
             with self.alone(mode):
                 return serve(jobs, concurrency)
 
-        return alone
+        return run
 
     @contextlib.contextmanager
     def alone(self, mode: str) -> Iterator[None]:

@@ -28,6 +28,7 @@ from bench.workload import Job, Run, make_prompts, shared_prefix, with_prefix
 
 if TYPE_CHECKING:
     from bench.local import LocalModel
+    from bench.procs import Fleet
 
 ALL_MODES = ("sequential", "gradio-concurrency", "static-batch", "transformers-serve", "farm-dynamic",
              "farm-continuous")
@@ -269,7 +270,7 @@ def _unavailable(mode: str, reason: str) -> Serve:
     return lambda jobs, c: Run(mode, c, unavailable=reason)
 
 
-def _start_serve(stack: contextlib.ExitStack, fleet: Any, model: str, plan: Plan, prefix_tokens: int,
+def _start_serve(stack: contextlib.ExitStack, fleet: Fleet, model: str, plan: Plan, prefix_tokens: int,
                  logdir: Path) -> Serve:
     from bench.serve import ServeServer, run_serve, unavailable_reason
 
@@ -294,7 +295,7 @@ def _farm(model: str, strategy: str, plan: Plan, clients: int, new_tokens: int, 
                          extra_env, tag)
 
 
-def _start_farm(stack: contextlib.ExitStack, fleet: Any, mode: str, start: Callable[[], Any]) -> Serve:
+def _start_farm(stack: contextlib.ExitStack, fleet: Fleet, mode: str, start: Callable[[], Any]) -> Serve:
     from bench.farm import run_farm
 
     try:
@@ -306,7 +307,7 @@ def _start_farm(stack: contextlib.ExitStack, fleet: Any, mode: str, start: Calla
     return lambda jobs, c: run_farm(farm, jobs, c, mode)
 
 
-def _start_openai(stack: contextlib.ExitStack, fleet: Any, model: str, plan: Plan, clients: int, new_tokens: int,
+def _start_openai(stack: contextlib.ExitStack, fleet: Fleet, model: str, plan: Plan, clients: int, new_tokens: int,
                   logdir: Path, prefix_tokens: int) -> Serve:
     from bench.api import FarmOpenAI, run_openai
 
