@@ -106,6 +106,16 @@ class FarmSettings:
     """1: on the CPU, float32 ``nn.Linear`` weights are also packed once for oneDNN, which runs the
     few rows of a decode step ~2x faster than stock matmul (README "Performance"); costs a second
     copy of those weights in RAM. 0: stock torch matmul only."""
+    keep_freed_memory: int = 1
+    """1: the worker's C heap keeps what torch frees (glibc ``mallopt``), so that the next tensors
+    reuse it without page faults (a 64-prompt join of a 134M model: 3.5-4.3 s with 264,000 faults,
+    2.6-3.1 s without); the worker's resident memory then stays at its peak. 0: glibc's defaults."""
+    warmup: int = 1
+    """1: before taking work, the worker runs one burst of the largest batch (``max_batch_size``
+    rows of 32 tokens, within ``max_batch_tokens``) and drops it, so that the first real burst
+    finds its memory and kernels ready (the first 64-prompt join of a 134M model: 5.9-6.5 s cold,
+    2.0-3.3 s warm); costs that burst's time at start (3-4 s for 64 rows of a 134M model on 2 CPU
+    cores). 0: the first burst pays it."""
     packed_min_rows: int = 0
     """With ``cpu_prepack``: inputs of fewer rows (a lone user's decode step has one) take stock
     matmul. 0 measures it when the model loads (2-3 s for a 135M model): whether MKL or the packed

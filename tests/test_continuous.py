@@ -115,6 +115,20 @@ def test_one_batch_of_two_adapters_equals_each_adapter_alone(runner: Any, strate
     assert mixed[0].state.tokens != _plain_generate(runner, PROMPTS[0], 12, "second")
 
 
+@pytest.mark.parametrize("strategy", ["dynamic", "continuous"])
+def test_a_warm_up_burst_changes_no_output(runner: Any, strategy: str) -> None:
+    """The worker's warm-up runs the engine's code on throwaway rows (of the default adapter):
+    afterwards every adapter's output is still plain ``generate``'s."""
+    from worker.engine.warmup import warm_up
+
+    assert warm_up(runner, FarmSettings(strategy=strategy, max_batch_size=8)) == 8
+    adapters = ["second", "base", "default"]
+    rows = _rows(runner, PROMPTS[:3], [10] * 3, adapters)
+    runner.run(rows, Quiet())
+    for row, prompt, adapter in zip(rows, PROMPTS, adapters, strict=False):
+        assert row.state.tokens == _plain_generate(runner, prompt, 10, adapter), (prompt, adapter)
+
+
 # --------------------------------------------------------------------------- through a worker
 
 

@@ -22,6 +22,7 @@ from protocol.schema import GenerationRequest, Limits
 from protocol.redis_conn import connect
 from protocol.settings import FarmSettings
 from worker.transport import install as install_safe_transport
+from worker.heap import retain_freed_memory
 from worker.devices import WorkerPlan, apply_thread_policy, count_gpus, on_own_thread, plan_workers, worker_launches
 from worker.metrics import MeteredSink, WorkerMetrics, connect_task_signals
 
@@ -63,11 +64,14 @@ def _supervise(plans: list[WorkerPlan], args: argparse.Namespace, settings: Farm
 def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info") -> int:
     """Load the model, start the engine, then let Celery take messages."""
     from worker.engine.build import make_engine
+    from worker.engine.warmup import warm_up
     from worker.model import load_model, render_prompt
     from worker.quiet import quiet_logs
     from worker.streams import redis_sinks
 
     quiet_logs()
+    if settings.keep_freed_memory:
+        retain_freed_memory()  # before the model's first tensors
     name = settings.worker_name or plan.name
     started = time.monotonic()
     loaded = on_own_thread(lambda: load_model(settings, plan.device))  # no OpenMP team kept on main
@@ -85,6 +89,8 @@ def run_worker(settings: FarmSettings, plan: WorkerPlan, loglevel: str = "info")
     engine = make_engine(settings, loaded, sinks.with_output(MeteredSink(sinks.output, metrics)), name, render,
                          plan.device)
     engine.start()
+    if settings.warmup:  # on the model thread: its heap arena keeps the memory (worker/heap.py)
+        engine.call(lambda: warm_up(engine.core.runner, settings)).result()
     install_safe_transport()  # a malformed message must not stop the worker
     model = settings.served_model_name()
     queues = model_queues(model, plain=settings.takes_unnamed())  # its model's; the plain ones if default
