@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.engine.build import make_engine
     from worker.engine.kv_slab import ContinuousBatch
     from worker.engine.model_runner import ModelRunner
+    from worker.engine.runner import Quiet
     from worker.engine.sinks import EngineSinks
     from worker.model import load_model
 
@@ -96,17 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                     ids = out.logits[:, -1].argmax(-1, keepdim=True)
                     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    class _Observer:
-        def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-            return set()
-
     def batch() -> None:
         for i, prompt in enumerate(prompts):
             running = ContinuousBatch(runner)
-            running.join([runner.new_row(f"r{i}", runner.encode(prompt), _request(request, prompt))], _Observer())
+            running.join([runner.new_row(f"r{i}", runner.encode(prompt), _request(request, prompt))], Quiet())
             while running.rows:
                 running.evict()
-                running.step(_Observer())
+                running.step(Quiet())
 
     def core(output: Any) -> Callable[[], None]:
         engine = make_engine(settings, loaded, EngineSinks(output, _NoCancels()), "micro", lambda r: r.prompt or "")

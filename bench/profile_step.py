@@ -33,13 +33,6 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::
 """Operators that are the matmuls of a step (their self time is the weight streaming)."""
 
 
-class _Quiet:
-    """The engine's step observer, with nobody listening and nothing cancelled."""
-
-    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-        return set()
-
-
 def operator_shares(self_times: dict[str, float]) -> dict[str, float]:
     """Self CPU time (any unit) by operator name -> the shares of matmul, attention and the rest."""
     total = sum(self_times.values())
@@ -67,6 +60,7 @@ def _profile(path: str, threads: int, machine: Machine, out: Path, label: str, r
     from protocol.settings import FarmSettings
     from worker.engine.kv_slab import ContinuousBatch
     from worker.engine.model_runner import ModelRunner, configure_torch_threads
+    from worker.engine.runner import Quiet
     from worker.model import load_model
 
     settings = FarmSettings(model=path, dtype="float32", quant="none", adapter="", adapters="",
@@ -75,7 +69,7 @@ def _profile(path: str, threads: int, machine: Machine, out: Path, label: str, r
     loaded = load_model(settings, "cpu")
     runner = ModelRunner(loaded)
     batch = ContinuousBatch(runner)
-    quiet = _Quiet()
+    quiet = Quiet()
     steps = WARMUP_STEPS + TIMED_STEPS + PROFILED_STEPS + 1
     request_rows = [runner.new_row(f"step-{i}", runner.encode(prompt), GenerationRequest(
         prompt=prompt, max_new_tokens=steps + 1, ignore_eos=True)) for i, prompt in enumerate(make_prompts(rows))]

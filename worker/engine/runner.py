@@ -30,6 +30,13 @@ class StepObserver(Protocol):
     def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]: ...
 
 
+class Quiet:
+    """A ``StepObserver`` that streams nowhere and cancels nothing (warm-up, benches, tests)."""
+
+    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
+        return set()
+
+
 @dataclass
 class BatchRow:
     """A request inside the running batch."""

@@ -20,6 +20,7 @@ from protocol.schema import GenerationRequest
 from protocol.settings import FarmSettings
 from worker.engine.kv_slab import ContinuousBatch
 from worker.engine.model_runner import ModelRunner
+from worker.engine.runner import Quiet
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,6 @@ STEPS = 2
 """Decode steps after the join (the running batch's buffers and the decode kernels)."""
 
 TEXT = "The quick brown fox jumps over the lazy dog. "
-
-
-class _Silent:
-    def on_step(self, deltas: dict[str, str], finished: list[str]) -> set[str]:
-        return set()
 
 
 def warm_up_shape(settings: FarmSettings) -> tuple[int, int]:
@@ -59,12 +55,12 @@ def warm_up(runner: ModelRunner, settings: FarmSettings) -> int:
         burst = [runner.new_row(f"warm-up-{i}", ids, request) for i in range(rows)]
         if settings.strategy == "continuous":
             batch = ContinuousBatch(runner, None, 0, bool(settings.packed_prefill))
-            batch.join(burst, _Silent())
+            batch.join(burst, Quiet())
             for _ in range(STEPS):
-                batch.step(_Silent())
+                batch.step(Quiet())
             batch.drop()
         else:
-            runner.run(burst, _Silent())
+            runner.run(burst, Quiet())
     except Exception as error:  # noqa: BLE001 - a warm-up must never stop the worker
         log.warning("warm-up of %d rows x %d tokens failed (%s); serving cold", rows, tokens, error)
         return 0
