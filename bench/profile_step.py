@@ -3,7 +3,8 @@ model through the worker's own engine code, timed against the machine's bandwidt
 ``torch.profiler`` breakdown of where the step goes.
 
 The model is loaded as a worker loads it (``worker.model.load_model``: fp32, oneDNN-packed
-weights unless ``FARM_CPU_PREPACK=0``), 16 rows join a continuous batch
+weights unless ``FARM_CPU_PREPACK=0``, the decode-attention kernel unless
+``FARM_CPU_DECODE_ATTENTION=0``), 16 rows join a continuous batch
 (``worker.engine.kv_slab.ContinuousBatch``: one prefill), and each timed step is the engine's
 ``step``: the forward pass, per-row sampling and each row's text delta (no Redis: the stream
 writes are not part of it). The median of the timed steps is reported, its tokens per second as a
@@ -64,7 +65,8 @@ def _profile(path: str, threads: int, machine: Machine, out: Path, label: str, r
     from worker.model import load_model
 
     settings = FarmSettings(model=path, dtype="float32", quant="none", adapter="", adapters="",
-                            torch_threads=threads, cpu_prepack=int(os.environ.get("FARM_CPU_PREPACK", "1")))
+                            torch_threads=threads, cpu_prepack=int(os.environ.get("FARM_CPU_PREPACK", "1")),
+                            cpu_decode_attention=int(os.environ.get("FARM_CPU_DECODE_ATTENTION", "1")))
     configure_torch_threads(threads, "cpu")
     loaded = load_model(settings, "cpu")
     runner = ModelRunner(loaded)

@@ -106,6 +106,10 @@ class FarmSettings:
     """1: on the CPU, float32 ``nn.Linear`` weights are also packed once for oneDNN, which runs the
     few rows of a decode step ~2x faster than stock matmul (README "Performance"); costs a second
     copy of those weights in RAM. 0: stock torch matmul only."""
+    cpu_decode_attention: int = 1
+    """1: on the CPU, a float32 model's decode-step attention runs in a small C++ kernel built on
+    first use (``worker/decode_attention.py``; 0.38-0.41 against SDPA's 0.60-0.70 ms per layer of
+    16 rows of the bench model); where it cannot be built, torch's SDPA. 0: SDPA only."""
     keep_freed_memory: int = 1
     """1: the worker's C heap keeps what torch frees (glibc ``mallopt``), so that the next tensors
     reuse it without page faults (a 64-prompt join of a 134M model: 3.5-4.3 s with 264,000 faults,

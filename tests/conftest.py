@@ -107,9 +107,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    """The tiny test model, built once and cached under .farm/ (deterministic, seconds)."""
+    """The tiny test model, built once and cached under .farm/ (deterministic, seconds); the CPU
+    decode-attention kernel is built here too, once, rather than by the first workers at once."""
     from ops.make_model import ensure_model
+    from worker import decode_attention
 
+    decode_attention.load()
     return ensure_model(MODEL_CACHE / "tiny", "tiny")
 
 

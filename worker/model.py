@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from protocol.settings import BASE_ADAPTER, FarmSettings
+from worker import decode_attention
 from worker.prepack import calibrate_min_rows, prepack_linears, set_min_rows
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,14 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
     packed = prepack_linears(model) if settings.cpu_prepack else 0  # CPU float32 layers only
     if packed:
         _packed_min_rows(model, settings.packed_min_rows)
+    attention = decode_attention.enable(model) if settings.cpu_decode_attention else False
     adapters = settings.adapter_paths()
     if adapters:
         model = _attach_adapters(model, adapters)
     default = "default" if "default" in adapters else BASE_ADAPTER
-    log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d) on %s", settings.model,
-             settings.quant, list(adapters) or "none", packed, target)
+    log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d, decode attention=%s) on %s",
+             settings.model, settings.quant, list(adapters) or "none", packed,
+             decode_attention.IMPLEMENTATION if attention else "sdpa", target)
     return LoadedModel(model, tokenizer, target, settings.model, settings.quant, list(adapters), default, packed)
 
 

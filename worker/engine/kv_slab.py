@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from worker.decode_attention import sdpa_like
 from worker.engine.model_runner import ModelRunner
 from worker.engine.packed_prefill import Costs, last_rows, pack, plan_bins, unpack
 from worker.engine.prefix_cache import BLOCK_TOKENS, BlockKV, PrefixCache, block_keys, reusable_blocks
@@ -81,7 +82,7 @@ class ContinuousBatch:
         self.prefix = prefix if prefix is not None and cacheable(self.config) else None
         if prefix is not None and self.prefix is None:
             log.info("prefix cache off: the model has sliding-window layers")
-        packs = (packed_prefill and cacheable(self.config) and self.config._attn_implementation == "sdpa"
+        packs = (packed_prefill and cacheable(self.config) and sdpa_like(self.config)
                  and runner.loaded.model.get_output_embeddings() is not None)
         self.costs = Costs.of(runner.loaded.model, self.config) if packs else None
         """Set when joiners may be prefilled packed (``packed_prefill.py``)."""
