@@ -84,7 +84,9 @@ def test_a_request_cancelled_before_it_ran_is_revoked(client: FarmClient) -> Non
     result = queued.result(timeout=60)
     for handle in blocker:
         handle.cancel()
-    assert [h.result(timeout=60).finish_reason for h in blocker] == ["cancelled"] * 16
+    # The blockers are only cleared away: on a fast CPU the tiny model may have run them to their
+    # end (1,024 tokens in ~2 s) before the queued request's cancel came back.
+    assert {h.result(timeout=60).finish_reason for h in blocker} <= {"cancelled", "length"}
     assert AsyncResult(queued.id, app=client.app).state == "REVOKED"
     assert result.finish_reason == "cancelled" and result.completion_tokens == 0 and result.text == ""
 

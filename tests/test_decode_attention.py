@@ -17,7 +17,7 @@ from protocol.schema import GenerationRequest
 from protocol.settings import FarmSettings
 from tests.helpers import PROMPTS, Quiet, stock_model
 from worker import decode_attention
-from worker.decode_attention import IMPLEMENTATION, farm_sdpa, usable
+from worker.decode_attention import IMPLEMENTATION, batchfarm_sdpa, usable
 from worker.model import load_model
 
 CLOSE = {"rtol": 1e-5, "atol": 1e-5}
@@ -64,7 +64,7 @@ def test_the_kernel_equals_sdpa_on_decode_steps(kernel: None, heads: int, kv_hea
         mask = _left_padding(rows, used) if padded else None
         assert usable(query, key, value, mask, 0.0, {})
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out, weights = farm_sdpa(module, query, key, value, mask, scaling=0.125)
+            out, weights = batchfarm_sdpa(module, query, key, value, mask, scaling=0.125)
         assert "batchfarm::decode_attention" in {event.key for event in prof.key_averages()}
         expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
         assert weights is None and out.shape == expected.shape == (rows, 1, heads, 64)
@@ -95,7 +95,7 @@ def test_calls_the_kernel_cannot_take_go_to_sdpa(kernel: None, case: str) -> Non
         return  # nothing runs on the meta device: that it is not taken is the check
     module = _Attention(1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out, _ = farm_sdpa(module, query, key, value, mask, scaling=0.125, **kwargs)
+        out, _ = batchfarm_sdpa(module, query, key, value, mask, scaling=0.125, **kwargs)
     assert "batchfarm::decode_attention" not in {event.key for event in prof.key_averages()}
     kwargs = {k: v for k, v in kwargs.items() if k != "sliding_window"}
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125, **kwargs)

@@ -15,7 +15,7 @@ into ``.farm/build/`` under a name that hashes its source, torch's version and t
 and loaded with ``torch.ops.load_library``: no ninja, no pybind, nothing to install. Where it
 cannot be built or loaded the worker logs why once and keeps torch's SDPA.
 
-``enable(model)`` makes the model's attention ``farm_sdpa``: an implementation registered with
+``enable(model)`` makes the model's attention ``batchfarm_sdpa``: an implementation registered with
 transformers' ``AttentionInterface`` (and, for its masks, ``sdpa``'s mask function) that takes the
 kernel for one-token float32 queries on the CPU with a boolean padding mask or none, and hands
 everything else to transformers' own ``sdpa_attention_forward`` unchanged: prefill, chunked and
@@ -39,7 +39,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION = "farm_sdpa"
+IMPLEMENTATION = "batchfarm_sdpa"
 """The attention implementation name ``enable`` sets on a model's config."""
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attention.cpp"
@@ -136,7 +136,7 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
                             and mask.shape[2] == 1)
 
 
-def farm_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def batchfarm_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [B, H, Q, D], key/value [B, Hkv, S, D], returns
@@ -155,7 +155,7 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(IMPLEMENTATION, farm_sdpa)
+    AttentionInterface.register(IMPLEMENTATION, batchfarm_sdpa)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
@@ -174,5 +174,5 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> bool:
 
 
 def sdpa_like(config: Any) -> bool:
-    """Whether a config's attention takes SDPA's masks (``sdpa`` itself or ``farm_sdpa``)."""
+    """Whether a config's attention takes SDPA's masks (``sdpa`` itself or ``batchfarm_sdpa``)."""
     return getattr(config, "_attn_implementation", None) in ("sdpa", IMPLEMENTATION)
