@@ -107,8 +107,21 @@ def test_training_dropout_goes_to_sdpa(kernel: None) -> None:
     assert usable(query, key, value, None, 0.0, {}) and not usable(query, key, value, None, 0.1, {})
 
 
-def test_the_worker_loader_enables_it_and_lora_greedy_tokens_equal_stock(tiny_model: Path) -> None:
+def _decode_all(runner: Any, rows: list[Any]) -> bool:
+    """Join ``rows`` into one continuous batch and step it until every row is done; whether the
+    kernel ran."""
     from worker.engine.kv_slab import ContinuousBatch
+
+    batch = ContinuousBatch(runner)
+    batch.join(rows, Quiet())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        while batch.rows:
+            batch.step(Quiet())
+            batch.evict()
+    return "batchfarm::decode_attention" in {event.key for event in prof.key_averages()}
+
+
+def test_the_worker_loader_enables_it_and_lora_greedy_tokens_equal_stock(tiny_model: Path) -> None:
     from worker.engine.model_runner import ModelRunner
 
     adapters = {"default": tiny_model / "adapter", "second": tiny_model / "adapter2"}
@@ -120,13 +133,7 @@ def test_the_worker_loader_enables_it_and_lora_greedy_tokens_equal_stock(tiny_mo
     rows = [runner.new_row(f"r{i}", runner.encode(p), GenerationRequest(prompt=p, max_new_tokens=12, adapter=a,
                                                                         ignore_eos=True))
             for i, (p, a) in enumerate(zip(PROMPTS, names, strict=False))]
-    batch = ContinuousBatch(runner)
-    batch.join(rows, Quiet())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        while batch.rows:
-            batch.step(Quiet())
-            batch.evict()
-    assert "batchfarm::decode_attention" in {event.key for event in prof.key_averages()}
+    assert _decode_all(runner, rows)
     stock = stock_model(tiny_model, adapters)
     assert stock.config._attn_implementation == "sdpa"
     for row, prompt, name in zip(rows, PROMPTS, names, strict=False):
@@ -155,3 +162,24 @@ def test_a_kernel_that_cannot_be_built_leaves_sdpa(tiny_model: Path, tmp_path: P
     assert not decode_attention.enable(model, root=tmp_path)
     assert model.config._attn_implementation == "sdpa"
     assert "no-such-compiler" in decode_attention._state["error"]
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_models_decode_the_same_with_the_kernel_as_with_sdpa(tiny_model: Path, quant: str) -> None:
+    """bitsandbytes layers on the CPU: attention sees float32 activations, so the kernel takes the
+    decode steps; greedy tokens equal the same quantized model's with SDPA."""
+    from worker.engine.model_runner import ModelRunner
+
+    loaded = load_model(FarmSettings(model=str(tiny_model), adapter="", adapters="", quant=quant), "cpu")
+    config = loaded.model.config
+    assert config._attn_implementation == IMPLEMENTATION
+    runner = ModelRunner(loaded)
+    tokens = {}
+    for implementation in (IMPLEMENTATION, "sdpa"):
+        config._attn_implementation = implementation
+        rows = [runner.new_row(f"{quant}-{i}", runner.encode(p), GenerationRequest(prompt=p, max_new_tokens=10,
+                                                                                   ignore_eos=True))
+                for i, p in enumerate(PROMPTS[:4])]
+        assert _decode_all(runner, rows) == (implementation == IMPLEMENTATION)
+        tokens[implementation] = [row.state.tokens for row in rows]
+    assert tokens[IMPLEMENTATION] == tokens["sdpa"]
