@@ -83,6 +83,7 @@ def _fallbacks() -> dict[str, tuple[Any, ...]]:
             "bfloat16": (*half, None, {}),
             "float mask": (query, key, value, float_mask, {}),
             "mask per head": (query, key, value, per_head, {}),
+            "mask broadcast over rows": (query, key, value, _left_padding(1, 20), {}),
             "sliding window": (query, key, value, None, {"sliding_window": 8}),
             "off the CPU": (query.to("meta"), key.to("meta"), value.to("meta"), None, {})}
 

@@ -120,8 +120,8 @@ def _load(root: Path | None) -> bool:
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
            dropout: float, kwargs: dict[str, Any]) -> bool:
     """Whether the kernel computes this call: one float32 query token per row on the CPU, keys and
-    values with contiguous last dimensions, a boolean mask shared by every head (or none), and no
-    attention feature the kernel lacks."""
+    values with contiguous last dimensions, a boolean mask of one row per batch row and one column
+    per key, shared by every head (or none), and no attention feature the kernel lacks."""
     if query.device.type != "cpu" or query.shape[2] != 1 or dropout:
         return False
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value)):
@@ -133,7 +133,8 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     if any(kwargs.get(name) is not None for name in ("sliding_window", "s_aux", "softcap")):
         return False
     return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-                            and mask.shape[2] == 1)
+                            and mask.shape[2] == 1 and mask.shape[0] == query.shape[0]
+                            and mask.shape[3] == key.shape[2])
 
 
 def batchfarm_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
