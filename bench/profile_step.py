@@ -64,9 +64,9 @@ def _profile(path: str, threads: int, machine: Machine, out: Path, label: str, r
     from worker.engine.runner import Quiet
     from worker.model import load_model
 
-    settings = FarmSettings(model=path, dtype="float32", quant="none", adapter="", adapters="",
-                            torch_threads=threads, cpu_prepack=int(os.environ.get("FARM_CPU_PREPACK", "1")),
-                            cpu_decode_attention=int(os.environ.get("FARM_CPU_DECODE_ATTENTION", "1")))
+    # The worker's own FARM_* settings (FARM_CPU_PREPACK, FARM_CPU_DECODE_ATTENTION...), this model fp32.
+    settings = FarmSettings.from_env(model=path, dtype="float32", quant="none", adapter="", adapters="",
+                                     torch_threads=threads)
     configure_torch_threads(threads, "cpu")
     loaded = load_model(settings, "cpu")
     runner = ModelRunner(loaded)

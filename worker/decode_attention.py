@@ -10,7 +10,7 @@ Zen 4 host, 2026-12-07). ``csrc/decode_attention.cpp`` does each (row, head) as 
 streams its keys, then its values, in order: 0.38-0.41 ms per layer for the same 12 layers read
 from memory (0.6-0.66 for SDPA in the same loop; 0.73 against 1.11-1.15 on one thread).
 
-The kernel is built on first use with the machine's compiler (``g++ -O3 -march=native``, ~25 s)
+The kernel is built on first use with the machine's compiler (``g++ -O3 -march=native``, 13-25 s)
 into ``.farm/build/`` under a name that hashes its source, torch's version and the CPU's flags,
 and loaded with ``torch.ops.load_library``: no ninja, no pybind, nothing to install. Where it
 cannot be built or loaded the worker logs why once and keeps torch's SDPA.
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,11 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     """Whether the kernel computes this call: one float32 query token per row on the CPU, keys and
     values with contiguous last dimensions, a boolean mask of one row per batch row and one column
     per key, shared by every head (or none), and no attention feature the kernel lacks."""
-    if query.device.type != "cpu" or query.shape[2] != 1 or dropout:
+    if query.shape[2] != 1 or dropout or query.shape[1] % key.shape[1]:
         return False
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (query, key, value)):
         return False
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or key.shape[-1] != query.shape[-1]:
-        return False
-    if value.shape[-1] != query.shape[-1] or query.shape[1] % key.shape[1]:
+    if any(t.stride(-1) != 1 or t.shape[-1] != query.shape[-1] for t in (key, value)):
         return False
     if any(kwargs.get(name) is not None for name in ("sliding_window", "s_aux", "softcap")):
         return False
@@ -138,16 +137,14 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 
 
 def batchfarm_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              **kwargs: Any) -> tuple[torch.Tensor, None]:
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                   **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [B, H, Q, D], key/value [B, Hkv, S, D], returns
     [B, Q, H, D]. The kernel for a decode step, ``sdpa_attention_forward`` for anything else."""
     if _state.get("loaded") and usable(query, key, value, attention_mask, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
         return torch.ops.batchfarm.decode_attention(query[:, :, 0, :], key, value, mask, scale), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

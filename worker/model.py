@@ -62,14 +62,15 @@ def load_model(settings: FarmSettings, device: str = "cpu") -> LoadedModel:
     packed = prepack_linears(model) if settings.cpu_prepack else 0  # CPU float32 layers only
     if packed:
         _packed_min_rows(model, settings.packed_min_rows)
-    attention = decode_attention.enable(model) if settings.cpu_decode_attention else False
+    if settings.cpu_decode_attention:
+        decode_attention.enable(model)
     adapters = settings.adapter_paths()
     if adapters:
         model = _attach_adapters(model, adapters)
     default = "default" if "default" in adapters else BASE_ADAPTER
-    log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d, decode attention=%s) on %s",
+    log.info("loaded %s (quant=%s, adapters=%s, oneDNN-packed linears=%d, attention=%s) on %s",
              settings.model, settings.quant, list(adapters) or "none", packed,
-             decode_attention.IMPLEMENTATION if attention else "sdpa", target)
+             model.config._attn_implementation, target)
     return LoadedModel(model, tokenizer, target, settings.model, settings.quant, list(adapters), default, packed)
 
 
